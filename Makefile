@@ -1,0 +1,58 @@
+# aiodp: every target is a thin wrapper; CI (.ci/run) and humans run the same commands.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+PROTO  := protos/deviceplugin/v1beta1/api.proto
+PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
+	--python_betterproto2_opt=client_generation=async,server_generation=async
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test unit integration lint typecheck proto proto-check bench clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install aiodp with all extras (editable)
+
+run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kubelet stand-in
+	$(BIN)/python -m aiodp demo
+
+test: lint proto-check ## everything CI runs: lint, proto-check, unit + property + integration tests
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP) ## unit and property tests only
+	$(BIN)/python -m pytest -q tests/unit tests/property
+
+integration: $(STAMP) ## integration tests only (real sockets, stand-in kubelet, grpcio client)
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
+	$(BIN)/ruff format --check aiodp tests bench
+	$(BIN)/ruff check aiodp tests bench
+	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: $(STAMP) ## mypy strict on aiodp/
+	$(BIN)/mypy
+
+proto: $(STAMP) ## regenerate aiodp/api/ from protos/ with betterproto2
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/api $(PROTO)
+
+proto-check: $(STAMP) ## fail when aiodp/api/ differs from what protos/ generates
+	@tmp=$$(mktemp -d) && \
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp $(PROTO) >/dev/null && \
+	diff -r -x __pycache__ $$tmp aiodp/api && echo "proto-check: aiodp/api is up to date"; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+bench: $(STAMP) ## latency table: GetPreferredAllocation and Allocate over a real socket
+	$(BIN)/python -m bench
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,78 @@
+"""What a device backend must provide, and the raw facts it reports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+from aiodp.devices import Health
+from aiodp.errors import BackendError
+from aiodp.topology import Topology
+
+__all__ = ["BackendError", "DeviceBackend", "DeviceInfo", "HealthEvent", "MigInfo", "Probe"]
+
+
+@dataclass(frozen=True, slots=True)
+class MigInfo:
+    """A MIG device on a GPU."""
+
+    uuid: str
+    profile: str
+    """NVIDIA's profile name, e.g. `1g.10gb`."""
+    gi: int
+    ci: int
+    index: int = 0
+    """Position among the parent's MIG devices (the `N:index` index)."""
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A physical GPU as discovered: identity, placement and device nodes."""
+
+    uuid: str
+    index: int
+    minor: int
+    name: str = ""
+    memory_mib: int = 0
+    numa_node: int | None = None
+    pci_bus_id: str = ""
+    paths: tuple[str, ...] = ()
+    """Container paths of the GPU's own device nodes, e.g. `/dev/nvidia0`."""
+    mig_enabled: bool = False
+    mig_devices: tuple[MigInfo, ...] = ()
+    health: Health = Health.HEALTHY
+    reason: str = ""
+    """A backend that knows health at discovery (the simulated file) says so here."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One health verdict about a GPU or MIG device, with the reason when Unhealthy."""
+
+    health: Health
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """An asynchronous fault report (an XID); `uuid` is a GPU or a MIG device."""
+
+    uuid: str
+    reason: str
+    critical: bool = True
+
+
+class DeviceBackend(Protocol):
+    """A source of devices and their health: NVML on a node, a YAML file elsewhere."""
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def discover(self) -> Sequence[DeviceInfo]: ...
+    async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]: ...
+    def health_events(self) -> AsyncIterator[HealthEvent]: ...
+    async def topology(self) -> Topology: ...
+    def control_paths(self) -> Sequence[str]:
+        """Container paths of the shared control nodes (`/dev/nvidiactl`, ...) that exist."""
+        ...

@@ -1,0 +1,285 @@
+"""What the plugin was asked to do: flags and environment resolved into one frozen Config.
+
+Only this module interprets the environment; `__main__` hands `os.environ` to `resolve`.
+Precedence: flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, NoReturn, TypeVar, cast
+
+from aiodp.errors import ConfigError
+
+RESOURCE_GPU: Final = "nvidia.com/gpu"
+DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
+
+Command = Literal["serve", "demo"]
+BackendName = Literal["auto", "nvml", "simulated"]
+IdStrategy = Literal["uuid", "index"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
+
+LIST_STRATEGIES: Final[tuple[ListStrategy, ...]] = (
+    "envvar",
+    "volume-mounts",
+    "cdi-annotations",
+    "cdi-cri",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the plugin runs with; built once by `resolve`, never changed."""
+
+    command: Command = "serve"
+    kubelet_socket: Path = Path(DEFAULT_KUBELET_SOCKET)
+    """The kubelet's Registration socket; our own sockets go into its directory."""
+    backend: BackendName = "auto"
+    """Where devices come from: NVML, the simulated-devices file, or NVML when it loads."""
+    simulated_devices: Path | None = None
+    """YAML file of simulated GPUs (required with `--backend simulated`)."""
+    device_id_strategy: IdStrategy = "uuid"
+    """What `NVIDIA_VISIBLE_DEVICES` lists: GPU UUIDs (NVIDIA's default) or indexes."""
+    device_list_strategy: tuple[ListStrategy, ...] = ("envvar",)
+    """How Allocate hands devices to the runtime (NVIDIA's DEVICE_LIST_STRATEGY)."""
+    pass_device_specs: bool = False
+    """Add DeviceSpecs for the device nodes (needed with the CPU manager's static policy)."""
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
+    cdi_kind: str = "nvidia.com/gpu"
+    """CDI vendor/class of device names, the kind nvidia-ctk's generated spec uses."""
+    nvidia_driver_root: Path = Path("/")
+    nvidia_dev_root: Path | None = None
+    """Root of the /dev tree holding the device nodes; None means the driver root."""
+    fail_on_init_error: bool = True
+    """Exit when the backend cannot start (NVIDIA's default) instead of waiting for it."""
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    metrics_address: str = ""
+    """HOST:PORT of the metrics and probes endpoint; empty turns it off."""
+    health_interval: float = 5.0
+    """Seconds between health probes (a change in the simulated file is seen at once)."""
+    shutdown_timeout: float = 10.0
+    """Bound on closing servers and streams at exit; below the pod's grace period."""
+    register_timeout: float = 30.0
+    """Deadline of one Register call: the kubelet dials back inside it (10 s dial)."""
+    register_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    """Waits between Register attempts, the last one repeated, with +-20 % jitter."""
+    stream_open_timeout: float = 10.0
+    """How long after Register we wait for the kubelet's ListAndWatch before re-registering."""
+    resettle_delay: float = 0.1
+    """Pause between ending our streams and registering again with a live kubelet."""
+
+    @property
+    def plugin_dir(self) -> Path:
+        """The device-plugins directory: the kubelet socket's directory."""
+        return self.kubelet_socket.parent
+
+    @property
+    def dev_root(self) -> Path:
+        return self.nvidia_dev_root if self.nvidia_dev_root is not None else self.nvidia_driver_root
+
+    def socket_path(self, resource: str) -> Path:
+        """Our socket for a resource: `nvidia.com/gpu` -> `aiodp-nvidia-gpu.sock`."""
+        name = resource.replace("nvidia.com/", "nvidia-").replace("/", "-").replace(".", "-")
+        return self.plugin_dir / f"aiodp-{name}.sock"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+T = TypeVar("T")
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="aiodp", description="Kubernetes device plugin for NVIDIA GPUs")
+    p.add_argument("command", nargs="?", choices=("serve", "demo"), default=None)
+    add = p.add_argument
+    add(
+        "--kubelet-socket",
+        help=f"kubelet registration socket (KUBELET_SOCKET) [{DEFAULT_KUBELET_SOCKET}]",
+    )
+    add("--backend", help="auto|nvml|simulated (AIODP_BACKEND) [auto]")
+    add("--simulated-devices", help="YAML file of simulated GPUs (AIODP_SIMULATED_DEVICES)")
+    add("--device-id-strategy", help="uuid|index (DEVICE_ID_STRATEGY) [uuid]")
+    add(
+        "--device-list-strategy",
+        help="comma list of envvar, volume-mounts, cdi-annotations, "
+        "cdi-cri (DEVICE_LIST_STRATEGY) [envvar]",
+    )
+    add(
+        "--pass-device-specs",
+        nargs="?",
+        const="true",
+        help="true|false (PASS_DEVICE_SPECS) [false]",
+    )
+    add("--cdi-annotation-prefix", help="(CDI_ANNOTATION_PREFIX) [cdi.k8s.io/]")
+    add("--cdi-kind", help="CDI vendor/class (AIODP_CDI_KIND) [nvidia.com/gpu]")
+    add(
+        "--nvidia-driver-root",
+        "--driver-root",
+        dest="nvidia_driver_root",
+        help="driver root on the host (NVIDIA_DRIVER_ROOT) [/]",
+    )
+    add(
+        "--nvidia-dev-root",
+        "--dev-root",
+        dest="nvidia_dev_root",
+        help="/dev root on the host (NVIDIA_DEV_ROOT) [driver root]",
+    )
+    add(
+        "--fail-on-init-error",
+        nargs="?",
+        const="true",
+        help="true|false (FAIL_ON_INIT_ERROR) [true]",
+    )
+    add("--log-level", help="debug|info|warning|error (AIODP_LOG_LEVEL) [info]")
+    add("--log-format", help="text|json (AIODP_LOG_FORMAT) [text]")
+    add("--metrics-address", help="HOST:PORT, empty = off (AIODP_METRICS_ADDRESS) []")
+    add("--health-interval", help="seconds between health probes (AIODP_HEALTH_INTERVAL) [5]")
+    return p
+
+
+_ENV: Final[Mapping[str, str]] = {
+    "kubelet_socket": "KUBELET_SOCKET",
+    "backend": "AIODP_BACKEND",
+    "simulated_devices": "AIODP_SIMULATED_DEVICES",
+    "device_id_strategy": "DEVICE_ID_STRATEGY",
+    "device_list_strategy": "DEVICE_LIST_STRATEGY",
+    "pass_device_specs": "PASS_DEVICE_SPECS",
+    "cdi_annotation_prefix": "CDI_ANNOTATION_PREFIX",
+    "cdi_kind": "AIODP_CDI_KIND",
+    "nvidia_driver_root": "NVIDIA_DRIVER_ROOT",
+    "nvidia_dev_root": "NVIDIA_DEV_ROOT",
+    "fail_on_init_error": "FAIL_ON_INIT_ERROR",
+    "log_level": "AIODP_LOG_LEVEL",
+    "log_format": "AIODP_LOG_FORMAT",
+    "metrics_address": "AIODP_METRICS_ADDRESS",
+    "health_interval": "AIODP_HEALTH_INTERVAL",
+}
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        v = value.strip().lower()
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v
+
+    return parse
+
+
+def parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _seconds(value: str) -> float:
+    v = float(value)
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return v
+
+
+def _list_strategy(value: str) -> tuple[ListStrategy, ...]:
+    items = [s.strip().lower() for s in value.split(",") if s.strip()]
+    if not items:
+        raise ValueError("must name at least one strategy")
+    for s in items:
+        if s not in LIST_STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; must be among {', '.join(LIST_STRATEGIES)}")
+    return tuple(dict.fromkeys(cast(list[ListStrategy], items)))
+
+
+def _address(value: str) -> str:
+    v = value.strip()
+    if not v:
+        return ""
+    _, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT or :PORT with a port in 1..65535")
+    return v
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+def _path(value: str) -> Path:
+    return Path(_nonempty(value))
+
+
+def _cdi_kind(value: str) -> str:
+    v = _nonempty(value)
+    vendor, sep, cls = v.partition("/")
+    if not sep or not vendor or not cls or "=" in v:
+        raise ValueError("must be a CDI kind vendor/class, e.g. nvidia.com/gpu")
+    return v
+
+
+_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
+    "kubelet_socket": _path,
+    "backend": _choice(("auto", "nvml", "simulated")),
+    "simulated_devices": _path,
+    "device_id_strategy": _choice(("uuid", "index")),
+    "device_list_strategy": _list_strategy,
+    "pass_device_specs": parse_bool,
+    "cdi_annotation_prefix": _nonempty,
+    "cdi_kind": _cdi_kind,
+    "nvidia_driver_root": _path,
+    "nvidia_dev_root": _path,
+    "fail_on_init_error": parse_bool,
+    "log_level": _choice(("debug", "info", "warning", "error")),
+    "log_format": _choice(("text", "json")),
+    "metrics_address": _address,
+    "health_interval": _seconds,
+}
+
+
+def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Flags over environment over defaults; raises ConfigError naming the flag and value."""
+    ns = _parser().parse_args(list(argv))
+    values: dict[str, object] = {"command": ns.command or "serve"}
+    for key, env in _ENV.items():
+        raw = getattr(ns, key)
+        source = flag_name(key)
+        if raw is None and env in environ:
+            raw, source = environ[env], env
+        if raw is None:
+            continue
+        try:
+            values[key] = _PARSERS[key](raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: invalid value {raw!r}: {e}") from None
+    return validate(Config(**values))  # type: ignore[arg-type]
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks; returns the config unchanged or raises ConfigError."""
+    if config.backend == "simulated" and config.simulated_devices is None:
+        raise ConfigError(
+            "--backend: invalid value 'simulated': needs --simulated-devices "
+            "(AIODP_SIMULATED_DEVICES)"
+        )
+    if len(str(config.socket_path(RESOURCE_GPU))) > 107:
+        raise ConfigError(
+            f"--kubelet-socket: invalid value {str(config.kubelet_socket)!r}: "
+            "the directory is too long for a unix socket path (107 bytes)"
+        )
+    return config

@@ -1,0 +1,154 @@
+"""What devices this node advertises, how healthy each is, and who waits for a change."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NewType
+
+DeviceId = NewType("DeviceId", str)
+
+
+class Health(enum.Enum):
+    """The two health strings the kubelet knows; anything but "Healthy" is unhealthy."""
+
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One advertised device: a whole GPU, a MIG device, or a replica of either."""
+
+    id: DeviceId
+    """The ID the kubelet sees (GPU or MIG UUID, `<uuid>::<n>` for a replica)."""
+    resource: str
+    """Extended resource name, e.g. `nvidia.com/gpu`."""
+    uuid: str
+    """UUID of the GPU or MIG device this ID stands for (replicas share it)."""
+    gpu: str
+    """UUID of the physical GPU (the parent of a MIG device): health fans out by it."""
+    index: str
+    """NVIDIA's index: `3` for a GPU, `3:1` for a MIG device."""
+    paths: tuple[str, ...] = ()
+    """Device nodes this device needs, container paths such as `/dev/nvidia3`."""
+    numa_node: int | None = None
+    """NUMA node of the GPU, None when unknown (no TopologyInfo is sent)."""
+    health: Health = Health.HEALTHY
+    reason: str = ""
+    """Why the device is Unhealthy; empty while Healthy."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """An immutable, sorted snapshot of devices with a version that grows on every change."""
+
+    devices: tuple[Device, ...] = ()
+    version: int = 0
+    _by_id: Mapping[DeviceId, Device] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, devices: Iterable[Device], version: int) -> Inventory:
+        ordered = tuple(sorted(devices, key=_sort_key))
+        return cls(ordered, version, {d.id: d for d in ordered})
+
+    def get(self, device_id: str) -> Device | None:
+        return self._by_id.get(DeviceId(device_id))
+
+    def for_resource(self, resource: str) -> tuple[Device, ...]:
+        return tuple(d for d in self.devices if d.resource == resource)
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        return tuple(sorted({d.resource for d in self.devices}))
+
+
+def _sort_key(d: Device) -> tuple[str, tuple[int, ...], str]:
+    return (d.resource, tuple(int(p) for p in d.index.split(":") if p.isdigit()), d.id)
+
+
+class DeviceRegistry:
+    """The one place device state lives; RPC handlers read it, health and discovery write it.
+
+    `watch()` hands every reader the current state at once and then the latest state after
+    each change: a slow reader skips versions, and unchanged state wakes nobody.
+    """
+
+    def __init__(self, devices: Iterable[Device] = ()) -> None:
+        self._inventory = Inventory.of(devices, 0)
+        self._changed = asyncio.Event()
+
+    def inventory(self) -> Inventory:
+        return self._inventory
+
+    def get(self, device_id: str) -> Device | None:
+        return self._inventory.get(device_id)
+
+    def replace(self, devices: Iterable[Device]) -> bool:
+        """Install a newly discovered device set; returns whether anything changed."""
+        new = tuple(sorted(devices, key=_sort_key))
+        if new == self._inventory.devices:
+            return False
+        self._publish(new)
+        return True
+
+    def set_health(
+        self, ids: Collection[str], health: Health, reason: str = ""
+    ) -> tuple[tuple[Device, Device], ...]:
+        """Set the health of the named devices and of every device whose GPU is named.
+
+        Returns the (old, new) pairs that changed; an empty tuple wakes nobody.
+        """
+        return self.apply_health({i: (health, reason) for i in ids})
+
+    def apply_health(
+        self, states: Mapping[str, tuple[Health, str]]
+    ) -> tuple[tuple[Device, Device], ...]:
+        """Apply many health verdicts at once (one version bump); keys as in `set_health`."""
+        changes: list[tuple[Device, Device]] = []
+        devices = []
+        for dev in self._inventory.devices:
+            verdict = states.get(dev.id) or states.get(dev.uuid) or states.get(dev.gpu)
+            if verdict is None:
+                devices.append(dev)
+                continue
+            health, reason = verdict
+            reason = "" if health is Health.HEALTHY else reason
+            if dev.health is health and dev.reason == reason:
+                devices.append(dev)
+                continue
+            new = dataclasses.replace(dev, health=health, reason=reason)
+            changes.append((dev, new))
+            devices.append(new)
+        if changes:
+            self._publish(tuple(devices))
+        return tuple(changes)
+
+    def wake(self) -> None:
+        """Wake every watcher without a change, so that it re-checks its `until` event."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _publish(self, devices: tuple[Device, ...]) -> None:
+        self._inventory = Inventory.of(devices, self._inventory.version + 1)
+        self.wake()
+
+    async def watch(
+        self, resource: str, *, until: asyncio.Event | None = None
+    ) -> AsyncIterator[tuple[Device, ...]]:
+        """The resource's devices now, then again after each change to them.
+
+        Ends when `until` is set and `wake()` has been called.
+        """
+        last: tuple[Device, ...] | None = None
+        while until is None or not until.is_set():
+            changed = self._changed
+            current = self._inventory.for_resource(resource)
+            if current != last:
+                last = current
+                yield current
+                continue
+            await changed.wait()

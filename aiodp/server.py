@@ -1,0 +1,237 @@
+"""How the kubelet talks to us: the DevicePlugin gRPC service on a unix socket.
+
+An adapter: request -> domain types -> one pure function -> response. Domain errors are
+mapped to gRPC statuses in one place, `grpc_errors()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import grpclib.server
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from aiodp import allocate, topology
+from aiodp.api.v1beta1 import (
+    AllocateRequest,
+    AllocateResponse,
+    ContainerPreferredAllocationResponse,
+    Device,
+    DevicePluginBase,
+    DevicePluginOptions,
+    Empty,
+    ListAndWatchResponse,
+    NumaNode,
+    PreferredAllocationRequest,
+    PreferredAllocationResponse,
+    PreStartContainerRequest,
+    PreStartContainerResponse,
+    TopologyInfo,
+)
+from aiodp.config import Config
+from aiodp.devices import Device as DomainDevice
+from aiodp.devices import DeviceRegistry
+from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
+
+log = logging.getLogger(__name__)
+
+OPTIONS: Final = DevicePluginOptions(
+    pre_start_required=False, get_preferred_allocation_available=True
+)
+"""Sent in RegisterRequest and by GetDevicePluginOptions: both must agree."""
+
+
+@contextlib.contextmanager
+def grpc_errors() -> Iterator[None]:
+    """Map domain errors to the gRPC status that says whose fault it is."""
+    try:
+        yield
+    except InvalidRequest as e:
+        raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
+    except UnhealthyDevice as e:
+        raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
+
+
+def to_api(devices: Sequence[DomainDevice]) -> ListAndWatchResponse:
+    return ListAndWatchResponse(
+        devices=[
+            Device(
+                id=d.id,
+                health=d.health.value,
+                topology=None
+                if d.numa_node is None
+                else TopologyInfo(nodes=[NumaNode(id=d.numa_node)]),
+            )
+            for d in devices
+        ]
+    )
+
+
+class DevicePluginService(DevicePluginBase):
+    """The five DevicePlugin RPCs for one resource, answered from the registry."""
+
+    def __init__(
+        self,
+        resource: str,
+        registry: DeviceRegistry,
+        config: Config,
+        topo: topology.Topology,
+        control_paths: Sequence[str] = (),
+    ) -> None:
+        self.resource = resource
+        self.registry = registry
+        self.config = config
+        self.topo = topo
+        self.control_paths = tuple(control_paths)
+        self.closing = asyncio.Event()
+        """Set by `close_streams()`: every ListAndWatch returns normally."""
+        self.stream_opened = asyncio.Event()
+        self.stream_lost = asyncio.Event()
+        """Set when a ListAndWatch stream ended without us closing it (kubelet side)."""
+        self.open_streams = 0
+        self._streams_done = asyncio.Event()
+        self._streams_done.set()
+
+    async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
+        return OPTIONS
+
+    async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
+        self.open_streams += 1
+        self._streams_done.clear()
+        self.stream_opened.set()
+        log.info("ListAndWatch opened for %s", self.resource, extra={"resource": self.resource})
+        try:
+            async for devices in self.registry.watch(self.resource, until=self.closing):
+                log.debug("ListAndWatch %s: sending %d devices", self.resource, len(devices))
+                yield to_api(devices)
+        finally:
+            self.open_streams -= 1
+            if not self.open_streams:
+                self._streams_done.set()
+            if not self.closing.is_set():
+                log.warning(
+                    "ListAndWatch for %s ended by the kubelet",
+                    self.resource,
+                    extra={"resource": self.resource},
+                )
+                self.stream_lost.set()
+
+    async def get_preferred_allocation(
+        self, message: PreferredAllocationRequest
+    ) -> PreferredAllocationResponse:
+        inventory = self.registry.inventory()
+        out = []
+        with grpc_errors():
+            for req in message.container_requests:
+                available = list(dict.fromkeys(req.available_deviceIDs))
+                must = list(dict.fromkeys(req.must_include_deviceIDs))
+                unknown = [
+                    i
+                    for i in dict.fromkeys(available + must)
+                    if (d := inventory.get(i)) is None or d.resource != self.resource
+                ]
+                if unknown:
+                    raise UnknownDevice(unknown)
+                ids = topology.preferred(available, must, req.allocation_size, self.topo)
+                out.append(ContainerPreferredAllocationResponse(device_i_ds=ids))
+        return PreferredAllocationResponse(container_responses=out)
+
+    async def allocate(self, message: AllocateRequest) -> AllocateResponse:
+        inventory = self.registry.inventory()
+        with grpc_errors():
+            responses = [
+                allocate.build_response(
+                    req.devices_ids, inventory, self.resource, self.config, self.control_paths
+                )
+                for req in message.container_requests
+            ]
+        log.debug("Allocate %s: %d container(s)", self.resource, len(responses))
+        return AllocateResponse(container_responses=responses)
+
+    async def pre_start_container(
+        self, message: PreStartContainerRequest
+    ) -> PreStartContainerResponse:
+        return PreStartContainerResponse()
+
+    async def close_streams(self, within: float) -> None:
+        """End every ListAndWatch normally, so the kubelet sees a clean end of stream."""
+        self.closing.set()
+        self.registry.wake()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._streams_done.wait()
+
+
+class PluginServer:
+    """A running server for one resource: its service, socket path and socket inode."""
+
+    def __init__(self, service: DevicePluginService, path: Path, inode: int) -> None:
+        self.service = service
+        self.path = path
+        self.inode = inode
+
+    def socket_intact(self) -> bool:
+        """Whether our socket file is still the one we bound (not deleted or replaced)."""
+        return _inode(self.path) == self.inode
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _remove_stale(path: Path) -> None:
+    """A socket file left by an earlier run of ours: the name is ours, so it goes."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _unlink_if(path: Path, keep: Callable[[], bool]) -> None:
+    if keep():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    service: DevicePluginService, path: Path, *, shutdown_timeout: float
+) -> AsyncIterator[PluginServer]:
+    """Serve `service` on the unix socket `path` until the block exits.
+
+    On exit the streams end normally first, then the server closes (bounded: grpclib's
+    wait_closed can hang while a peer holds its connection), then our socket is removed.
+    """
+    _remove_stale(path)
+    server = grpclib.server.Server([service])
+    await server.start(path=str(path))
+    inode = _inode(path)
+    if inode is None:  # pragma: no cover - the kernel just created it
+        server.close()
+        raise OSError(f"socket {path} vanished right after binding")
+    log.info("serving %s on %s", service.resource, path, extra={"resource": service.resource})
+    handle = PluginServer(service, path, inode)
+    try:
+        yield handle
+    finally:
+        try:
+            async with asyncio.timeout(shutdown_timeout):
+                await service.close_streams(shutdown_timeout / 2)
+                server.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(shutdown_timeout / 4):
+                        await server.wait_closed()
+        finally:
+            _unlink_if(path, lambda: not handle.socket_intact())
+            log.debug("closed %s on %s", service.resource, path)

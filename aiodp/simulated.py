@@ -1,0 +1,259 @@
+"""Which GPUs a simulated node has: the simulated-devices YAML file, re-read on every edit.
+
+Format (see README):
+
+    gpus:
+      - uuid: GPU-8f2c...          # required, unique
+        name: NVIDIA H100 80GB HBM3
+        index: 0                   # default: position in the list
+        minor: 0                   # default: index
+        memory_mib: 81559
+        numa_node: 0
+        pci_bus_id: "0000:18:00.0"
+        health: Healthy            # Healthy | Unhealthy
+        reason: ""                 # optional, shown while Unhealthy
+        mig_devices: [{uuid: MIG-..., profile: 1g.10gb, gi: 1, ci: 0}]
+    nvlinks:
+      - [0, 1, 4]                  # GPU index, GPU index, link count
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn, Self
+
+import aiofiles
+import yaml
+
+from aiodp import topology
+from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
+from aiodp.devices import Health
+from aiodp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GPU_KEYS: Final = frozenset(
+    {
+        "uuid",
+        "name",
+        "index",
+        "minor",
+        "memory_mib",
+        "numa_node",
+        "pci_bus_id",
+        "health",
+        "reason",
+        "mig_devices",
+    }
+)
+MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci"})
+CONTROL_PATHS: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+
+
+class SimulatedFileError(ConfigError):
+    """The simulated-devices file is not valid; the message names the key and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedNode:
+    """The parsed content of a simulated-devices file."""
+
+    gpus: tuple[DeviceInfo, ...]
+    nvlinks: Mapping[frozenset[str], int]
+
+    def topology(self) -> topology.Topology:
+        return topology.build(
+            [(g.uuid, g.index, g.numa_node) for g in self.gpus], nvlinks=self.nvlinks
+        )
+
+
+def _fail(where: str, msg: str) -> NoReturn:
+    raise SimulatedFileError(f"{where}: {msg}")
+
+
+def _int(where: str, value: object, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(where, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _str(where: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(where, f"must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
+    """Parse and validate the file's text; raises SimulatedFileError naming the problem."""
+    try:
+        doc: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        _fail(source, f"invalid YAML: {e}".replace("\n", " "))
+    if not isinstance(doc, dict):
+        _fail(source, f"must be a mapping with a 'gpus' list, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - {"gpus", "nvlinks"})
+    if unknown:
+        _fail(source, f"unknown key(s) {', '.join(map(str, unknown))}")
+    raw_gpus = doc.get("gpus")
+    if not isinstance(raw_gpus, list):
+        _fail(f"{source}: gpus", f"must be a list, got {raw_gpus!r}")
+    gpus: list[DeviceInfo] = []
+    seen_uuid: set[str] = set()
+    seen_index: set[int] = set()
+    for pos, g in enumerate(raw_gpus):
+        where = f"{source}: gpus[{pos}]"
+        if not isinstance(g, dict):
+            _fail(where, f"must be a mapping, got {g!r}")
+        bad = sorted(set(map(str, g)) - GPU_KEYS)
+        if bad:
+            _fail(where, f"unknown key(s) {', '.join(bad)}")
+        if "uuid" not in g:
+            _fail(f"{where}.uuid", "is required")
+        uuid = _str(f"{where}.uuid", g["uuid"])
+        if uuid in seen_uuid:
+            _fail(f"{where}.uuid", f"duplicate uuid {uuid!r}")
+        index = _int(f"{where}.index", g.get("index", pos))
+        if index in seen_index:
+            _fail(f"{where}.index", f"duplicate index {index}")
+        minor = _int(f"{where}.minor", g.get("minor", index))
+        numa = g.get("numa_node")
+        if numa is not None:
+            numa = _int(f"{where}.numa_node", numa)
+        health_raw = g.get("health", "Healthy")
+        try:
+            health = Health(health_raw)
+        except ValueError:
+            _fail(f"{where}.health", f"must be Healthy or Unhealthy, got {health_raw!r}")
+        reason = str(g.get("reason") or ("simulated fault" if health is Health.UNHEALTHY else ""))
+        migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
+        seen_uuid.add(uuid)
+        seen_index.add(index)
+        gpus.append(
+            DeviceInfo(
+                uuid=uuid,
+                index=index,
+                minor=minor,
+                name=str(g.get("name") or "Simulated GPU"),
+                memory_mib=_int(f"{where}.memory_mib", g.get("memory_mib", 0)),
+                numa_node=numa,
+                pci_bus_id=str(g.get("pci_bus_id") or ""),
+                paths=(f"/dev/nvidia{minor}",),
+                mig_enabled=bool(migs),
+                mig_devices=migs,
+                health=health,
+                reason=reason,
+            )
+        )
+    by_index = {g.index: g.uuid for g in gpus}
+    nvlinks: dict[frozenset[str], int] = {}
+    raw_links = doc.get("nvlinks") or []
+    if not isinstance(raw_links, list):
+        _fail(f"{source}: nvlinks", f"must be a list, got {raw_links!r}")
+    for pos, link in enumerate(raw_links):
+        where = f"{source}: nvlinks[{pos}]"
+        if not isinstance(link, list) or len(link) != 3:
+            _fail(where, f"must be [gpu index, gpu index, link count], got {link!r}")
+        a, b = (_int(where, v) for v in link[:2])
+        count = _int(where, link[2], minimum=1)
+        if a not in by_index or b not in by_index or a == b:
+            _fail(where, f"must join two different known GPU indexes, got {link!r}")
+        nvlinks[frozenset((by_index[a], by_index[b]))] = count
+    return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks)
+
+
+def _mig_devices(where: str, raw: object, parent: int, seen: set[str]) -> tuple[MigInfo, ...]:
+    if not isinstance(raw, list):
+        _fail(where, f"must be a list, got {raw!r}")
+    out = []
+    for pos, m in enumerate(raw):
+        at = f"{where}[{pos}]"
+        if not isinstance(m, dict):
+            _fail(at, f"must be a mapping, got {m!r}")
+        bad = sorted(set(map(str, m)) - MIG_KEYS)
+        if bad:
+            _fail(at, f"unknown key(s) {', '.join(bad)}")
+        uuid = _str(f"{at}.uuid", m.get("uuid"))
+        if uuid in seen:
+            _fail(f"{at}.uuid", f"duplicate uuid {uuid!r}")
+        seen.add(uuid)
+        gi = _int(f"{at}.gi", m.get("gi"))
+        ci = _int(f"{at}.ci", m.get("ci"))
+        paths = (
+            f"/dev/nvidia-caps/nvidia-cap{gi}",
+            f"/dev/nvidia-caps/nvidia-cap{ci}",
+        )
+        out.append(MigInfo(uuid, _str(f"{at}.profile", m.get("profile")), gi, ci, pos, paths))
+    return tuple(out)
+
+
+class SimulatedBackend:
+    """A DeviceBackend over the simulated-devices file; `reload()` applies an edit.
+
+    A bad edit is refused with a log line and the last good content stays.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._node: SimulatedNode | None = None
+        self._text: str | None = None
+
+    async def __aenter__(self) -> Self:
+        text = await self._read()
+        self._node, self._text = parse(text, str(self.path)), text
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def _read(self) -> str:
+        try:
+            async with aiofiles.open(self.path, encoding="utf-8") as f:
+                return await f.read()
+        except OSError as e:
+            raise SimulatedFileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+
+    @property
+    def node(self) -> SimulatedNode:
+        if self._node is None:
+            raise RuntimeError("SimulatedBackend used outside 'async with'")
+        return self._node
+
+    async def reload(self) -> bool:
+        """Re-read the file; True when it changed and is valid, False otherwise."""
+        try:
+            text = await self._read()
+            if text == self._text:
+                return False
+            node = parse(text, str(self.path))
+        except SimulatedFileError as e:
+            log.warning("simulated devices: edit rejected, keeping the last good list: %s", e)
+            return False
+        self._node, self._text = node, text
+        log.info("simulated devices: reloaded %s (%d GPUs)", self.path, len(node.gpus))
+        return True
+
+    async def discover(self) -> Sequence[DeviceInfo]:
+        return self.node.gpus
+
+    async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]:
+        return {
+            g.uuid: Probe(g.health, g.reason) for g in self.node.gpus if not ids or g.uuid in ids
+        }
+
+    async def health_events(self) -> AsyncIterator[HealthEvent]:
+        """The simulated node reports faults through its file only; this never yields."""
+        never = asyncio.Event()
+        while not never.is_set():
+            await never.wait()
+        if never.is_set():  # pragma: no cover - makes this an async generator
+            yield HealthEvent("", "")
+
+    async def topology(self) -> topology.Topology:
+        return self.node.topology()
+
+    def control_paths(self) -> Sequence[str]:
+        return CONTROL_PATHS
