@@ -71,25 +71,26 @@ def _inode(path: Path) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
-class _Done(Exception):
-    """Ends the race in `_first`."""
-
-
 async def _first(waits: dict[str, Coroutine[Any, Any, object]]) -> str:
-    """Run the waits side by side; return the name of the first to finish, cancel the rest."""
+    """Run the waits side by side; return the name of the first to finish, cancel the rest.
+
+    The losers are cancelled by hand rather than by raising out of the TaskGroup: on
+    Python 3.11 a child's exception raised while the parent waits in the group's exit
+    leaves the parent marked as cancelling, which later turns timeouts into cancellations.
+    """
     winners: list[str] = []
+    done = asyncio.Event()
 
     async def run(name: str, wait: Coroutine[Any, Any, object]) -> None:
         await wait
         winners.append(name)
-        raise _Done
+        done.set()
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for name, wait in waits.items():
-                tg.create_task(run(name, wait), name=f"wait-{name}")
-    except* _Done:
-        pass
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(run(n, w), name=f"wait-{n}") for n, w in waits.items()]
+        await done.wait()
+        for task in tasks:
+            task.cancel()
     return winners[0]
 
 

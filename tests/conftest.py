@@ -1,0 +1,65 @@
+"""Fixtures shared by every test: short socket directories, no leftover tasks, grpcio stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GEN = Path(__file__).resolve().parent / "_grpcio_gen"
+
+
+def _generate_grpcio_stubs() -> None:
+    """grpcio stubs from the same proto, for a peer that nobody here wrote."""
+    from grpc_tools import protoc
+
+    GEN.mkdir(exist_ok=True)
+    proto = "deviceplugin/v1beta1/api.proto"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'protos'}",
+            f"--python_out={GEN}",
+            f"--grpc_python_out={GEN}",
+            str(ROOT / "protos" / proto),
+        ]
+    )
+    assert rc == 0, "grpc_tools.protoc failed"
+    if str(GEN) not in sys.path:
+        sys.path.insert(0, str(GEN))
+    pkg = GEN / "deviceplugin"
+    for d in (pkg, pkg / "v1beta1"):
+        (d / "__init__.py").touch()
+
+
+_generate_grpcio_stubs()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short temporary directory: AF_UNIX paths must stay under 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="aiodp-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail any test that leaves tasks running on its loop."""
+    yield
+    me = asyncio.current_task()
+    for _ in range(3):  # let tasks that are already finishing finish
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not left:
+            return
+        await asyncio.sleep(0)
+    names = sorted(t.get_name() for t in left)
+    raise AssertionError(f"tasks left running: {names}")

@@ -1,0 +1,86 @@
+"""Helpers to run the real plugin (app.main) against the kubelet stand-in in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiodp import app
+from aiodp.config import Config
+from aiodp.demo import h100_node
+from aiodp.fakekubelet import FakeKubelet, Update
+
+__all__ = ["Running", "h100_node", "next_update", "running", "write_atomically"]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
+    """The next ListAndWatch message the kubelet receives for which `ok` holds."""
+    while True:
+        update = await kubelet.updates.get()
+        if ok(update):
+            return update
+
+
+@dataclass
+class Running:
+    config: Config
+    kubelet: FakeKubelet | None
+    stop: asyncio.Event
+    ready: asyncio.Event
+    state: app.State
+    task: asyncio.Task[int]
+    devices_file: Path
+
+    @property
+    def k(self) -> FakeKubelet:
+        assert self.kubelet is not None
+        return self.kubelet
+
+
+@contextlib.asynccontextmanager
+async def running(
+    directory: Path,
+    *,
+    kubelet: bool = True,
+    kubelet_options: dict[str, Any] | None = None,
+    node: str | None = None,
+    expect_code: int = 0,
+    **overrides: Any,
+) -> AsyncIterator[Running]:
+    """Start the kubelet stand-in (unless `kubelet=False`) and the plugin; stop both after."""
+    devices_file = directory / "devices.yaml"
+    devices_file.write_text(node if node is not None else h100_node())
+    config = dataclasses.replace(
+        Config(),
+        backend="simulated",
+        simulated_devices=devices_file,
+        kubelet_socket=directory / "kubelet.sock",
+        **overrides,
+    )
+    stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
+    async with contextlib.AsyncExitStack() as stack:
+        fk = None
+        if kubelet:
+            fk = await stack.enter_async_context(FakeKubelet(directory, **(kubelet_options or {})))
+        task = asyncio.create_task(
+            app.main(config, stop=stop, ready=ready, state=state, handle_signals=False),
+            name="plugin-under-test",
+        )
+        try:
+            yield Running(config, fk, stop, ready, state, task, devices_file)
+        finally:
+            stop.set()
+            code = await task
+        assert code == expect_code
