@@ -24,6 +24,7 @@ import grpclib.server
 from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Status
+from grpclib.exceptions import StreamTerminatedError
 
 from aiodp.api.v1beta1 import (
     AllocateRequest,
@@ -230,6 +231,9 @@ class FakeKubelet:
         except (OSError, GRPCError, TimeoutError) as e:
             channel.close()
             raise GRPCError(Status.UNKNOWN, f"failed to get device plugin options: {e!r}") from None
+        except BaseException:  # cancelled: this kubelet is stopping
+            channel.close()
+            raise
         registration = Registration(req.resource_name, req.endpoint, options, time.monotonic())
         old = self._endpoints.pop(req.resource_name, None)
         if old is not None:
@@ -246,7 +250,7 @@ class FakeKubelet:
             async for msg in ep.stub.list_and_watch(Empty()):
                 ep.devices = tuple(msg.devices)
                 self.updates.put_nowait(Update(resource, ep.devices, time.monotonic()))
-        except (GRPCError, OSError) as e:
+        except (GRPCError, OSError, StreamTerminatedError) as e:
             log.info("kubelet: ListAndWatch of %s failed: %r", resource, e)
         ep.connected = False
         self.updates.put_nowait(Update(resource, ep.devices, time.monotonic(), ended=True))

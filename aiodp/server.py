@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import stat
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -18,6 +19,7 @@ from typing import Final
 import grpclib.server
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.protocol import H2Protocol
 
 from aiodp import allocate, topology
 from aiodp.api.v1beta1 import (
@@ -170,6 +172,37 @@ class DevicePluginService(DevicePluginBase):
                 await self._streams_done.wait()
 
 
+class _Server(grpclib.server.Server):
+    """grpclib's Server that can also close the connections it accepted.
+
+    `Server.close()` cancels handlers but leaves client connections open (grpclib PR #190),
+    so a peer that keeps its connection (the kubelet does) would hold it forever.
+    """
+
+    def __init__(self, handlers: Sequence[DevicePluginBase]) -> None:
+        super().__init__(list(handlers))
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    async def wait_requests(self) -> None:
+        """Wait for the requests in flight, e.g. streams that ended but still send trailers."""
+        tasks = [
+            t for h in self._handlers for t in getattr(h, "_tasks", {}).values() if not t.done()
+        ]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def close_connections(self) -> None:
+        for protocol in list(self._protocols):
+            processor = getattr(protocol, "processor", None)
+            if processor is not None:
+                processor.close("server closed")
+
+
 class PluginServer:
     """A running server for one resource: its service, socket path and socket inode."""
 
@@ -214,7 +247,7 @@ async def serve(
     wait_closed can hang while a peer holds its connection), then our socket is removed.
     """
     _remove_stale(path)
-    server = grpclib.server.Server([service])
+    server = _Server([service])
     await server.start(path=str(path))
     inode = _inode(path)
     if inode is None:  # pragma: no cover - the kernel just created it
@@ -228,7 +261,11 @@ async def serve(
         try:
             async with asyncio.timeout(shutdown_timeout):
                 await service.close_streams(shutdown_timeout / 2)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(shutdown_timeout / 4):
+                        await server.wait_requests()
                 server.close()
+                server.close_connections()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(shutdown_timeout / 4):
                         await server.wait_closed()
