@@ -109,6 +109,7 @@ class FakeKubelet:
     _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
     _server: grpclib.server.Server | None = None
     _tasks: asyncio.TaskGroup | None = None
+    _called: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def socket(self) -> Path:
@@ -209,8 +210,15 @@ class FakeKubelet:
         resp = await self.endpoint(resource).stub.get_preferred_allocation(req, timeout=10)
         return list(resp.container_responses[0].device_i_ds)
 
+    async def wait_register_calls(self, count: int) -> None:
+        """Return once Register has been called at least `count` times (accepted or not)."""
+        while self.register_calls < count:
+            await self._called.wait()
+
     async def _register(self, req: RegisterRequest) -> None:
         self.register_calls += 1
+        called, self._called = self._called, asyncio.Event()
+        called.set()
         if req.version != VERSION:
             raise GRPCError(
                 Status.UNKNOWN,

@@ -129,8 +129,8 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         except ValueError:
             _fail(f"{where}.health", f"must be Healthy or Unhealthy, got {health_raw!r}")
         reason = str(g.get("reason") or ("simulated fault" if health is Health.UNHEALTHY else ""))
-        migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
         seen_uuid.add(uuid)
+        migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
         seen_index.add(index)
         gpus.append(
             DeviceInfo(

@@ -85,9 +85,10 @@ class DirWatch:
 
     async def changes(self, names: Collection[str]) -> AsyncIterator[None]:
         """Yield after each batch of events that names any of `names` (bursts coalesce)."""
+        last = self.seen(names)
         while True:
-            last = self.seen(names)
-            await self.wait(lambda last=last: self.seen(names) != last)  # type: ignore[misc]
+            await self.wait(lambda seen=last: self.seen(names) != seen)  # type: ignore[misc]
+            last = self.seen(names)  # before yielding: changes made meanwhile count next time
             yield
 
 

@@ -96,11 +96,10 @@ async def test_lifecycle_stale_kubelet_socket_then_real_kubelet(short_dir: Path)
     """kubelet.sock exists but nobody listens: retries back off, then a real one is used."""
     async with FakeKubelet(short_dir) as dead:
         await dead.stop()  # leaves kubelet.sock behind, like a crashed kubelet
-    async with running(short_dir, kubelet=False) as rp:
-        async with FakeKubelet(short_dir) as kubelet:
-            await kubelet.registrations.get()
-            await rp.ready.wait()
-            assert rp.state.registrations == 1
+    async with running(short_dir, kubelet=False) as rp, FakeKubelet(short_dir) as kubelet:
+        await kubelet.registrations.get()
+        await rp.ready.wait()
+        assert rp.state.registrations == 1
 
 
 async def test_lifecycle_refused_registration_is_retried_with_backoff(
@@ -111,8 +110,7 @@ async def test_lifecycle_refused_registration_is_retried_with_backoff(
         kubelet_options={"reject": "simulated refusal"},
         register_backoff=(0.05, 0.1),
     ) as rp:
-        while rp.k.register_calls < 3:
-            await asyncio.sleep(0.05)  # polling the stand-in's counter, not waiting for time
+        await rp.k.wait_register_calls(3)
         rp.k.reject = None
         reg = await rp.k.registrations.get()
         assert reg.resource == RESOURCE_GPU
@@ -162,7 +160,7 @@ async def test_lifecycle_garbage_on_our_socket_does_not_disturb(short_dir: Path)
         reg = await rp.k.registrations.get()
         path = str(short_dir / reg.endpoint)
         for junk in (os.urandom(4096), b"PRI * HTTP/2.0\r\n\r\nSM", b"\x00" * 9):
-            reader, writer = await asyncio.open_unix_connection(path)
+            _reader, writer = await asyncio.open_unix_connection(path)
             writer.write(junk)
             await writer.drain()
             writer.close()

@@ -1,0 +1,1 @@
+"""`make bench`: latency tables. Prints numbers; never asserts them."""

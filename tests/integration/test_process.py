@@ -1,0 +1,125 @@
+"""`python -m aiodp` as a real process: exit codes, signals, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiodp.fakekubelet import FakeKubelet
+from tests.harness import h100_node, next_update
+
+pytestmark = pytest.mark.integration
+
+
+async def aiodp(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiodp",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_process_signal_removes_socket_and_exits_zero(
+    short_dir: Path, sig: signal.Signals
+) -> None:
+    devices = short_dir / "devices.yaml"
+    devices.write_text(h100_node())
+    async with FakeKubelet(short_dir) as kubelet:
+        proc = await aiodp(
+            "serve",
+            "--backend=simulated",
+            f"--simulated-devices={devices}",
+            f"--kubelet-socket={kubelet.socket}",
+        )
+        reg = await kubelet.registrations.get()
+        await next_update(kubelet, lambda u: bool(u.devices))
+        assert (short_dir / reg.endpoint).is_socket()
+        proc.send_signal(sig)
+        code, _, err = await finish(proc)
+        assert code == 0, err
+        assert not (short_dir / reg.endpoint).exists()
+        ended = await next_update(kubelet, lambda u: u.ended)
+        assert ended.resource == "nvidia.com/gpu"
+        assert "shutting down" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--device-id-strategy", "serial"], {}, "--device-id-strategy: invalid value 'serial'"),
+        ([], {"DEVICE_ID_STRATEGY": "serial"}, "DEVICE_ID_STRATEGY: invalid value 'serial'"),
+        (["--health-interval", "-1"], {}, "--health-interval: invalid value '-1'"),
+        ([], {"AIODP_LOG_FORMAT": "xml"}, "AIODP_LOG_FORMAT: invalid value 'xml'"),
+        (["--fail-on-init-error", "maybe"], {}, "--fail-on-init-error: invalid value 'maybe'"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--backend", "simulated"], {}, "needs --simulated-devices"),
+        (["--backend", "nvml"], {}, "NVML support is not available"),
+    ],
+)
+async def test_process_bad_flag_exits_2_naming_it(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    code, _, err = await finish(await aiodp("serve", *args, env=env))
+    assert code == 2
+    assert needle in err
+
+
+async def test_process_bad_simulated_file_exits_2_naming_the_key(short_dir: Path) -> None:
+    devices = short_dir / "devices.yaml"
+    devices.write_text("gpus:\n  - uuid: GPU-a\n  - uuid: GPU-a\n")
+    code, _, err = await finish(
+        await aiodp(
+            "serve",
+            "--backend=simulated",
+            f"--simulated-devices={devices}",
+            f"--kubelet-socket={short_dir / 'kubelet.sock'}",
+        )
+    )
+    assert code == 2
+    assert "gpus[1].uuid: duplicate uuid 'GPU-a'" in err
+
+
+async def test_process_demo_runs_and_exits_zero() -> None:
+    code, out, err = await finish(await aiodp("demo"))
+    assert code == 0, err
+    for step in ("1. registered nvidia.com/gpu", "4. fault injection", "5. kubelet restart"):
+        assert step in out
+    assert "6. stopped with exit code 0; sockets left: ['kubelet.sock']" in out
+
+
+async def test_process_json_logs_one_object_per_line(short_dir: Path) -> None:
+    import json
+
+    devices = short_dir / "devices.yaml"
+    devices.write_text(h100_node())
+    async with FakeKubelet(short_dir) as kubelet:
+        proc = await aiodp(
+            "serve",
+            "--backend=simulated",
+            f"--simulated-devices={devices}",
+            f"--kubelet-socket={kubelet.socket}",
+            "--log-format=json",
+        )
+        await kubelet.registrations.get()
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = await finish(proc)
+    assert code == 0
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(r.get("resource") == "nvidia.com/gpu" for r in records)

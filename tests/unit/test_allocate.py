@@ -1,0 +1,124 @@
+"""Allocate answers per option, modelled on what NVIDIA's plugin puts in its responses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from aiodp import allocate
+from aiodp.api.v1beta1 import CdiDevice, DeviceSpec, Mount
+from aiodp.config import Config
+from aiodp.devices import Device, DeviceId, Health, Inventory
+from aiodp.errors import UnhealthyDevice, UnknownDevice
+
+RES = "nvidia.com/gpu"
+CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm")
+
+
+def inventory() -> Inventory:
+    devs = [
+        Device(DeviceId(f"GPU-{i}"), RES, f"GPU-{i}", f"GPU-{i}", str(i), (f"/dev/nvidia{i}",), 0)
+        for i in range(4)
+    ]
+    devs[3] = dataclasses.replace(devs[3], health=Health.UNHEALTHY, reason="XID 79")
+    devs.append(Device(DeviceId("OTHER-0"), "example.com/other", "OTHER-0", "OTHER-0", "9"))
+    return Inventory.of(devs, 1)
+
+
+def answer(ids: list[str], **options: object) -> allocate.ContainerAllocateResponse:
+    config = dataclasses.replace(Config(), **options)  # type: ignore[arg-type]
+    return allocate.build_response(ids, inventory(), RES, config, CONTROL)
+
+
+def test_allocate_envvar_uuid_default() -> None:
+    r = answer(["GPU-1", "GPU-0"])
+    assert r.envs == {"NVIDIA_VISIBLE_DEVICES": "GPU-1,GPU-0"}
+    assert r.mounts == []
+    assert r.devices == []
+    assert r.annotations == {}
+    assert r.cdi_devices == []
+
+
+def test_allocate_index_strategy() -> None:
+    assert answer(["GPU-2", "GPU-0"], device_id_strategy="index").envs == {
+        "NVIDIA_VISIBLE_DEVICES": "2,0"
+    }
+
+
+def test_allocate_repeated_ids_count_once() -> None:
+    assert answer(["GPU-1", "GPU-1", "GPU-0"]).envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-1,GPU-0"
+
+
+def test_allocate_volume_mounts() -> None:
+    r = answer(["GPU-0", "GPU-1"], device_list_strategy=("volume-mounts",))
+    assert r.envs == {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"}
+    assert r.mounts == [
+        Mount(container_path="/var/run/nvidia-container-devices/GPU-0", host_path="/dev/null"),
+        Mount(container_path="/var/run/nvidia-container-devices/GPU-1", host_path="/dev/null"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "strategies", [("cdi-annotations",), ("cdi-cri",), ("cdi-annotations", "cdi-cri")]
+)
+def test_allocate_cdi_only_adds_nothing_else(strategies: tuple[str, ...]) -> None:
+    r = answer(["GPU-0", "GPU-2"], device_list_strategy=strategies, pass_device_specs=True)
+    names = ["nvidia.com/gpu=GPU-0", "nvidia.com/gpu=GPU-2"]
+    if "cdi-annotations" in strategies:
+        assert r.annotations == {"cdi.k8s.io/aiodp-nvidia.com_gpu": ",".join(names)}
+    else:
+        assert r.annotations == {}
+    if "cdi-cri" in strategies:
+        assert r.cdi_devices == [CdiDevice(name=n) for n in names]
+    else:
+        assert r.cdi_devices == []
+    assert r.envs == {}
+    assert r.mounts == []
+    assert r.devices == []
+
+
+def test_allocate_cdi_with_envvar_and_custom_names() -> None:
+    r = answer(
+        ["GPU-1"],
+        device_list_strategy=("envvar", "cdi-annotations"),
+        cdi_annotation_prefix="cdi.example.org/",
+        cdi_kind="example.com/gpu",
+        device_id_strategy="index",
+    )
+    assert r.annotations == {"cdi.example.org/aiodp-nvidia.com_gpu": "example.com/gpu=1"}
+    assert r.envs == {"NVIDIA_VISIBLE_DEVICES": "1"}
+
+
+def test_allocate_device_specs_under_dev_root() -> None:
+    r = answer(["GPU-2", "GPU-0"], pass_device_specs=True, nvidia_dev_root=Path("/host/"))
+    assert r.devices == [
+        DeviceSpec(container_path=p, host_path="/host" + p, permissions="rw")
+        for p in ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia2", "/dev/nvidia0")
+    ]
+
+
+def test_allocate_is_idempotent() -> None:
+    assert bytes(answer(["GPU-0", "GPU-1"], pass_device_specs=True)) == bytes(
+        answer(["GPU-0", "GPU-1"], pass_device_specs=True)
+    )
+
+
+def test_allocate_unknown_ids_are_named() -> None:
+    with pytest.raises(UnknownDevice) as err:
+        answer(["GPU-0", "GPU-9", "OTHER-0"])  # OTHER-0 belongs to another resource
+    assert err.value.ids == ("GPU-9", "OTHER-0")
+    assert str(err.value) == "unknown device id(s): GPU-9, OTHER-0"
+
+
+def test_allocate_unhealthy_is_refused_with_reason() -> None:
+    with pytest.raises(UnhealthyDevice) as err:
+        answer(["GPU-0", "GPU-3"])
+    assert err.value.ids == ("GPU-3",)
+    assert "XID 79" in str(err.value)
+
+
+def test_allocate_unknown_wins_over_unhealthy() -> None:
+    with pytest.raises(UnknownDevice):
+        answer(["GPU-3", "nope"])

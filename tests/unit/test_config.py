@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aiodp import config
+from aiodp.errors import ConfigError
+
+
+def test_config_defaults_match_nvidia() -> None:
+    c = config.resolve([], {})
+    assert c.command == "serve"
+    assert c.kubelet_socket == Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+    assert c.plugin_dir == Path("/var/lib/kubelet/device-plugins")
+    assert c.backend == "auto"
+    assert c.device_id_strategy == "uuid"
+    assert c.device_list_strategy == ("envvar",)
+    assert c.fail_on_init_error is True
+    assert c.pass_device_specs is False
+    assert c.cdi_annotation_prefix == "cdi.k8s.io/"
+    assert c.metrics_address == ""
+    assert c.health_interval == 5.0
+    assert c.dev_root == Path("/")
+
+
+def test_config_flag_beats_env_beats_default() -> None:
+    env = {"DEVICE_ID_STRATEGY": "index", "AIODP_HEALTH_INTERVAL": "2.5"}
+    assert config.resolve([], env).device_id_strategy == "index"
+    assert config.resolve([], env).health_interval == 2.5
+    c = config.resolve(["--device-id-strategy", "uuid"], env)
+    assert c.device_id_strategy == "uuid"
+    assert c.health_interval == 2.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "field", "value"),
+    [
+        (["demo"], {}, "command", "demo"),
+        (["--kubelet-socket", "/x/k.sock"], {}, "kubelet_socket", Path("/x/k.sock")),
+        ([], {"KUBELET_SOCKET": "/y/k.sock"}, "kubelet_socket", Path("/y/k.sock")),
+        (
+            [],
+            {"DEVICE_LIST_STRATEGY": "cdi-cri, envvar,cdi-cri"},
+            "device_list_strategy",
+            ("cdi-cri", "envvar"),
+        ),
+        (["--pass-device-specs"], {}, "pass_device_specs", True),
+        ([], {"PASS_DEVICE_SPECS": "TRUE"}, "pass_device_specs", True),
+        (["--fail-on-init-error=false"], {}, "fail_on_init_error", False),
+        ([], {"FAIL_ON_INIT_ERROR": "0"}, "fail_on_init_error", False),
+        ([], {"NVIDIA_DRIVER_ROOT": "/run/nvidia/driver"}, "dev_root", Path("/run/nvidia/driver")),
+        ([], {"NVIDIA_DEV_ROOT": "/host"}, "dev_root", Path("/host")),
+        (["--driver-root", "/d"], {}, "nvidia_driver_root", Path("/d")),
+        ([], {"AIODP_METRICS_ADDRESS": ":8080"}, "metrics_address", ":8080"),
+        ([], {"AIODP_METRICS_ADDRESS": ""}, "metrics_address", ""),
+        ([], {"AIODP_LOG_LEVEL": "DEBUG"}, "log_level", "debug"),
+        (["--cdi-kind", "example.com/gpu"], {}, "cdi_kind", "example.com/gpu"),
+    ],
+)
+def test_config_values(argv: list[str], env: dict[str, str], field: str, value: object) -> None:
+    c = config.resolve(argv, env)
+    got = c.dev_root if field == "dev_root" else getattr(c, field)
+    assert got == value
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--backend", "cuda"], {}, "--backend: invalid value 'cuda'"),
+        ([], {"AIODP_BACKEND": "cuda"}, "AIODP_BACKEND: invalid value 'cuda'"),
+        ([], {"DEVICE_LIST_STRATEGY": "envvar,files"}, "unknown strategy 'files'"),
+        ([], {"DEVICE_LIST_STRATEGY": " , "}, "must name at least one strategy"),
+        (["--health-interval", "0"], {}, "--health-interval: invalid value '0'"),
+        (["--health-interval", "nan"], {}, "--health-interval: invalid value 'nan'"),
+        (["--health-interval", "5s"], {}, "--health-interval: invalid value '5s'"),
+        ([], {"AIODP_METRICS_ADDRESS": "8080"}, "AIODP_METRICS_ADDRESS: invalid value '8080'"),
+        ([], {"AIODP_METRICS_ADDRESS": ":70000"}, "port in 1..65535"),
+        ([], {"PASS_DEVICE_SPECS": "sometimes"}, "PASS_DEVICE_SPECS: invalid value 'sometimes'"),
+        (["--cdi-kind", "gpu"], {}, "--cdi-kind: invalid value 'gpu'"),
+        (["--kubelet-socket", ""], {}, "--kubelet-socket: invalid value ''"),
+        (["--kubelet-socket", "/" + "d" * 120 + "/kubelet.sock"], {}, "too long for a unix socket"),
+        (["--backend", "simulated"], {}, "needs --simulated-devices"),
+        (["frobnicate"], {}, "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_config_errors_name_the_flag_and_value(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.resolve(argv, env)
+    assert message in str(err.value)
+
+
+def test_config_socket_path_derives_from_resource() -> None:
+    c = config.resolve(["--kubelet-socket", "/k/kubelet.sock"], {})
+    assert c.socket_path("nvidia.com/gpu") == Path("/k/aiodp-nvidia-gpu.sock")
+    assert c.socket_path("nvidia.com/mig-1g.10gb") == Path("/k/aiodp-nvidia-mig-1g-10gb.sock")
+
+
+def test_config_is_frozen() -> None:
+    c = config.resolve([], {})
+    with pytest.raises(AttributeError):
+        c.backend = "nvml"  # type: ignore[misc]

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Self
+
+import pytest
+
+from aiodp import health, topology
+from aiodp.backend import DeviceInfo, HealthEvent, Probe
+from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+
+
+class ScriptedBackend:
+    """A backend whose probe answers follow a script, one entry per probe."""
+
+    def __init__(self, script: Sequence[Mapping[str, Probe]]) -> None:
+        self.script = list(script)
+        self.probes = 0
+        self.probed = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def discover(self) -> Sequence[DeviceInfo]:
+        return []
+
+    async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]:
+        answer = self.script[min(self.probes, len(self.script) - 1)]
+        self.probes += 1
+        self.probed.set()
+        return answer
+
+    async def health_events(self) -> AsyncIterator[HealthEvent]:
+        if False:  # pragma: no cover
+            yield HealthEvent("", "")
+
+    async def topology(self) -> topology.Topology:
+        return topology.Topology()
+
+    def control_paths(self) -> Sequence[str]:
+        return ()
+
+
+def registry() -> DeviceRegistry:
+    return DeviceRegistry(
+        Device(DeviceId(f"GPU-{i}"), "nvidia.com/gpu", f"GPU-{i}", f"GPU-{i}", str(i))
+        for i in range(2)
+    )
+
+
+OK = Probe(Health.HEALTHY)
+BAD = Probe(Health.UNHEALTHY, "GPU is lost")
+
+
+async def test_health_probe_once_logs_each_transition_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = registry()
+    backend = ScriptedBackend([{"GPU-1": BAD}, {"GPU-1": BAD}, {"GPU-1": OK}])
+    for _ in range(3):
+        await health.probe_once(backend, reg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiodp.health"]
+    assert lines == [
+        "device GPU-1 health Healthy -> Unhealthy (GPU is lost)",
+        "device GPU-1 health Unhealthy -> Healthy (was: GPU is lost)",
+    ]
+    assert [r.levelname for r in caplog.records if r.name == "aiodp.health"] == [
+        "WARNING",
+        "INFO",
+    ]
+
+
+@pytest.mark.looptime
+async def test_health_polls_every_interval() -> None:
+    reg = registry()
+    backend = ScriptedBackend([{}, {}, {"GPU-0": BAD}])
+    wake = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    stream = reg.watch("nvidia.com/gpu")
+    await anext(stream)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(health.run_health(backend, reg, interval=5, wake=wake))
+        devices = await anext(stream)
+        task.cancel()
+    assert devices[0].health is Health.UNHEALTHY
+    assert loop.time() - start == pytest.approx(10)  # the third probe, after two intervals
+    await stream.aclose()
+
+
+@pytest.mark.looptime
+async def test_health_wake_probes_at_once() -> None:
+    reg = registry()
+    backend = ScriptedBackend([{}, {"GPU-1": BAD}])
+    wake = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(health.run_health(backend, reg, interval=60, wake=wake))
+        await backend.probed.wait()
+        start = loop.time()
+        backend.probed.clear()
+        wake.set()
+        await backend.probed.wait()
+        task.cancel()
+    assert loop.time() - start == 0
+    assert reg.get("GPU-1").health is Health.UNHEALTHY  # type: ignore[union-attr]
