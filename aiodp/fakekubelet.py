@@ -103,6 +103,8 @@ class FakeKubelet:
     """Seconds to wait inside Register before dialing back (a slow kubelet)."""
     reject: str | None = None
     """When set, every Register is refused with this message (status UNKNOWN)."""
+    open_streams: bool = True
+    """False: accept registrations but never open ListAndWatch (a stuck kubelet)."""
     registrations: asyncio.Queue[Registration] = field(default_factory=asyncio.Queue)
     updates: asyncio.Queue[Update] = field(default_factory=asyncio.Queue)
     register_calls: int = 0
@@ -249,7 +251,10 @@ class FakeKubelet:
         ep = _Endpoint(registration, channel, stub)
         self._endpoints[req.resource_name] = ep
         assert self._tasks is not None
-        ep.task = self._tasks.create_task(self._watch(ep), name=f"kubelet-law-{req.resource_name}")
+        if self.open_streams:
+            ep.task = self._tasks.create_task(
+                self._watch(ep), name=f"kubelet-law-{req.resource_name}"
+            )
         self.registrations.put_nowait(registration)
 
     async def _watch(self, ep: _Endpoint) -> None:

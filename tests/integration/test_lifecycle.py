@@ -168,3 +168,41 @@ async def test_lifecycle_garbage_on_our_socket_does_not_disturb(short_dir: Path)
         resp = await rp.k.allocate(RESOURCE_GPU, [rp.k.devices(RESOURCE_GPU)[0].id])
         assert len(resp.container_responses) == 1
         assert rp.state.registrations == 1
+
+
+async def test_lifecycle_stream_never_opened_leads_to_reregistration(short_dir: Path) -> None:
+    async with running(
+        short_dir, kubelet_options={"open_streams": False}, stream_open_timeout=0.2
+    ) as rp:
+        await rp.k.registrations.get()
+        await rp.k.registrations.get()
+        assert rp.state.reasons[0] == "the kubelet never opened ListAndWatch"
+
+
+@pytest.mark.parametrize(
+    ("version", "resource", "message"),
+    [
+        ("v1alpha", "nvidia.com/gpu", 'requested API version "v1alpha" is not supported'),
+        ("v1beta1", "gpu", 'the ResourceName "gpu" is invalid'),
+    ],
+)
+async def test_lifecycle_stand_in_refuses_like_the_kubelet(
+    short_dir: Path, version: str, resource: str, message: str
+) -> None:
+    from grpclib import GRPCError
+    from grpclib.client import Channel
+    from grpclib.const import Status
+
+    from aiodp.api.v1beta1 import RegisterRequest, RegistrationStub
+
+    async with FakeKubelet(short_dir) as kubelet:
+        channel = Channel(path=str(kubelet.socket))
+        try:
+            with pytest.raises(GRPCError) as err:
+                await RegistrationStub(channel).register(
+                    RegisterRequest(version=version, endpoint="x.sock", resource_name=resource)
+                )
+        finally:
+            channel.close()
+    assert err.value.status is Status.UNKNOWN
+    assert message in (err.value.message or "")
