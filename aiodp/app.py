@@ -18,17 +18,18 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from aiodp import health, server, sharing, watch
+from aiodp import health, retry, server, sharing, watch
 from aiodp import registration as reg
 from aiodp.backend import DeviceBackend
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.devices import DeviceRegistry
-from aiodp.errors import ConfigError
+from aiodp.errors import BackendUnavailable, ConfigError
+from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
 from aiodp.topology import Topology
 
@@ -52,15 +53,6 @@ class State:
     registrations: int = 0
     reasons: list[str] = field(default_factory=list)
     """Why each earlier generation ended, oldest first."""
-
-
-def make_backend(config: Config) -> DeviceBackend:
-    if config.backend == "simulated" and config.simulated_devices is not None:
-        return SimulatedBackend(config.simulated_devices)
-    raise ConfigError(
-        f"--backend: invalid value {config.backend!r}: NVML support is not available in this "
-        "build yet; use --backend simulated --simulated-devices FILE"
-    )
 
 
 def _inode(path: Path) -> int | None:
@@ -290,11 +282,14 @@ async def main(
     state = state or State()
     code = 0
     try:
-        backend = backend or make_backend(config)
         with _signals(stop) if handle_signals else contextlib.nullcontext():
             await _run(config, backend, stop, ready, state)
     except* _Shutdown:
         log.info("stopped")
+    except* BackendUnavailable as unavailable:
+        for problem in unavailable.exceptions:
+            log.error("cannot start the device backend: %s", problem)
+        code = 1
     except* ConfigError as config_errors:
         for e in config_errors.exceptions:
             log.error("%s", e)
@@ -306,14 +301,56 @@ async def main(
     return code
 
 
+async def _enter_backend(
+    config: Config, given: DeviceBackend | None, stack: contextlib.AsyncExitStack
+) -> DeviceBackend:
+    """Start the backend: the given one, the simulated file, or NVML.
+
+    With `fail_on_init_error` false, a backend that cannot start is retried with backoff
+    and nothing is registered meanwhile; otherwise its error ends the process.
+    """
+    backend: DeviceBackend
+    if given is not None:
+        backend = given
+    elif config.backend == "simulated" and config.simulated_devices is not None:
+        backend = SimulatedBackend(config.simulated_devices)
+    else:
+        backend = NvmlBackend(config)
+        if config.backend == "auto" and config.simulated_devices is not None:
+            try:
+                return await stack.enter_async_context(backend)
+            except BackendUnavailable as e:
+                log.warning("NVML unavailable (%s); using the simulated devices", e)
+                backend = SimulatedBackend(config.simulated_devices)
+    if config.fail_on_init_error:
+        return await stack.enter_async_context(backend)
+    await retry.retrying(
+        backend.__aenter__,
+        delays=config.register_backoff,
+        retry_on=(BackendUnavailable,),
+        what="backend initialisation (nothing is registered until it succeeds)",
+    )
+    stack.push_async_exit(backend.__aexit__)
+    return backend
+
+
 async def _run(
     config: Config,
-    backend: DeviceBackend,
+    given: DeviceBackend | None,
     stop: asyncio.Event,
     ready: asyncio.Event,
     state: State,
 ) -> None:
-    async with backend:
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_wait_stop(stop), name="stop-waiter")
+        tg.create_task(_serve(config, given, ready, state), name="serve")
+
+
+async def _serve(
+    config: Config, given: DeviceBackend | None, ready: asyncio.Event, state: State
+) -> NoReturn:
+    async with contextlib.AsyncExitStack() as stack:
+        backend = await _enter_backend(config, given, stack)
         infos = await backend.discover()
         registry = DeviceRegistry(sharing.advertised(infos))
         topo = await backend.topology()
@@ -322,14 +359,9 @@ async def _run(
             len(infos),
             ", ".join(f"{g.index}={g.uuid}" for g in infos),
         )
+        tracker = health.HealthTracker(registry, recovery_period=config.health_recovery_period)
         health_wake = asyncio.Event()
-        tasks: list[tuple[str, Awaitable[NoReturn]]] = [
-            (
-                "health",
-                health.run_health(
-                    backend, registry, interval=config.health_interval, wake=health_wake
-                ),
-            ),
+        tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
             (
                 "plugins",
                 run_plugins(
@@ -341,10 +373,21 @@ async def _run(
                     state=state,
                 ),
             ),
-            ("stop-waiter", _wait_stop(stop)),
         ]
+        if config.health_policy.probes:
+            tasks.append(
+                (
+                    "health",
+                    health.run_health(
+                        backend, tracker, interval=config.health_interval, wake=health_wake
+                    ),
+                )
+            )
+        if config.health_policy.watches_xids:
+            tasks.append(("health-events", health.run_health_events(backend, tracker)))
         if isinstance(backend, SimulatedBackend):
             tasks.append(("simulated-watch", run_simulated_watch(backend, registry, health_wake)))
         async with asyncio.TaskGroup() as tg:
             for name, coro in tasks:
-                tg.create_task(coro, name=name)  # type: ignore[arg-type]
+                tg.create_task(coro, name=name)
+    raise RuntimeError("the task tree ended")

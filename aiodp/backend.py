@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self
 
@@ -49,19 +49,29 @@ class DeviceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """One health verdict about a GPU or MIG device, with the reason when Unhealthy."""
+    """One health verdict about a GPU, with the reason when Unhealthy."""
 
     health: Health
     reason: str = ""
+    recovers_at_once: bool = False
+    """The fault is not the device's own (NVML failed, a simulated edit): it clears at the
+    next passing probe instead of after the recovery period."""
 
 
 @dataclass(frozen=True, slots=True)
 class HealthEvent:
-    """An asynchronous fault report (an XID); `uuid` is a GPU or a MIG device."""
+    """An asynchronous fault report, such as an XID.
+
+    `uuid` names a GPU (the fault fans out to its MIG devices and replicas), a MIG device
+    (only that one), or is empty for every device (NVML itself failed).
+    """
 
     uuid: str
     reason: str
+    xid: int | None = None
     critical: bool = True
+    """Whether the health policy acts on it; ignored XIDs are reported for metrics only."""
+    recovers_at_once: bool = False
 
 
 class DeviceBackend(Protocol):
@@ -71,7 +81,7 @@ class DeviceBackend(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
     async def discover(self) -> Sequence[DeviceInfo]: ...
     async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]: ...
-    def health_events(self) -> AsyncIterator[HealthEvent]: ...
+    def health_events(self) -> AsyncGenerator[HealthEvent, None]: ...
     async def topology(self) -> Topology: ...
     def control_paths(self) -> Sequence[str]:
         """Container paths of the shared control nodes (`/dev/nvidiactl`, ...) that exist."""

@@ -32,6 +32,66 @@ LIST_STRATEGIES: Final[tuple[ListStrategy, ...]] = (
 )
 
 
+DEFAULT_IGNORED_XIDS: Final = frozenset({13, 31, 43, 45, 68, 109})
+"""Application-level XIDs NVIDIA's plugin never acts on."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """Which health checks act, from NVIDIA's DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS.
+
+    `DP_DISABLE_HEALTHCHECKS=all` turns every check off (aiodp: XIDs and probes),
+    `xids` turns XID checks off, a comma list of XIDs adds to the ignored ones;
+    `DP_ENABLE_HEALTHCHECKS` lists XIDs that act whatever else says.
+    """
+
+    probes: bool = True
+    xids: bool = True
+    ignored_xids: frozenset[int] = DEFAULT_IGNORED_XIDS
+    enabled_xids: frozenset[int] = frozenset()
+
+    def xid_is_critical(self, xid: int) -> bool:
+        if xid in self.enabled_xids:
+            return True
+        return self.xids and xid not in self.ignored_xids
+
+    @property
+    def watches_xids(self) -> bool:
+        return self.xids or bool(self.enabled_xids)
+
+
+def _xid_list(value: str) -> frozenset[int]:
+    out = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit():
+            raise ValueError(f"{item!r} is not an XID number")
+        out.add(int(item))
+    return frozenset(out)
+
+
+def health_policy(disable: str | None, enable: str | None) -> HealthPolicy:
+    """NVIDIA's two environment variables as one policy; raises ConfigError on bad values."""
+    probes, xids, ignored = True, True, DEFAULT_IGNORED_XIDS
+    d = (disable or "").strip().lower()
+    if d == "all":
+        probes, xids = False, False
+    elif d == "xids":
+        xids = False
+    elif d:
+        try:
+            ignored = ignored | _xid_list(d)
+        except ValueError as e:
+            raise ConfigError(f"DP_DISABLE_HEALTHCHECKS: invalid value {disable!r}: {e}") from None
+    try:
+        enabled = _xid_list(enable or "")
+    except ValueError as e:
+        raise ConfigError(f"DP_ENABLE_HEALTHCHECKS: invalid value {enable!r}: {e}") from None
+    return HealthPolicy(probes=probes, xids=xids, ignored_xids=ignored, enabled_xids=enabled)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the plugin runs with; built once by `resolve`, never changed."""
@@ -63,6 +123,15 @@ class Config:
     """HOST:PORT of the metrics and probes endpoint; empty turns it off."""
     health_interval: float = 5.0
     """Seconds between health probes (a change in the simulated file is seen at once)."""
+    health_recovery_period: float = 300.0
+    """Seconds of passing probes, with no new critical event, before an Unhealthy device is
+    Healthy again; 0 never brings it back (NVIDIA's behaviour)."""
+    health_policy: HealthPolicy = HealthPolicy()
+    """XIDs that act and whether probes run (DP_DISABLE_HEALTHCHECKS, DP_ENABLE_HEALTHCHECKS)."""
+    proc_root: Path = Path("/proc")
+    """Where /proc is: MIG capability device minors are read under driver/nvidia/."""
+    sys_root: Path = Path("/sys")
+    """Where /sys is: a GPU's NUMA node is read from bus/pci/devices/<bdf>/numa_node."""
     shutdown_timeout: float = 10.0
     """Bound on closing servers and streams at exit; below the pod's grace period."""
     register_timeout: float = 30.0
@@ -143,6 +212,11 @@ def _parser() -> _Parser:
     add("--log-format", help="text|json (AIODP_LOG_FORMAT) [text]")
     add("--metrics-address", help="HOST:PORT, empty = off (AIODP_METRICS_ADDRESS) []")
     add("--health-interval", help="seconds between health probes (AIODP_HEALTH_INTERVAL) [5]")
+    add(
+        "--health-recovery-period",
+        help="seconds of passing probes before an Unhealthy device "
+        "is Healthy again; 0 = never (AIODP_HEALTH_RECOVERY_PERIOD) [300]",
+    )
     return p
 
 
@@ -162,6 +236,7 @@ _ENV: Final[Mapping[str, str]] = {
     "log_format": "AIODP_LOG_FORMAT",
     "metrics_address": "AIODP_METRICS_ADDRESS",
     "health_interval": "AIODP_HEALTH_INTERVAL",
+    "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
 }
 
 
@@ -192,6 +267,13 @@ def _seconds(value: str) -> float:
     v = float(value)
     if not v > 0 or v != v or v == float("inf"):
         raise ValueError("must be a positive number of seconds")
+    return v
+
+
+def _period(value: str) -> float:
+    v = float(value)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError("must be a number of seconds >= 0 (0: never recover)")
     return v
 
 
@@ -249,6 +331,7 @@ _PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "log_format": _choice(("text", "json")),
     "metrics_address": _address,
     "health_interval": _seconds,
+    "health_recovery_period": _period,
 }
 
 
@@ -267,6 +350,9 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             values[key] = _PARSERS[key](raw)
         except ValueError as e:
             raise ConfigError(f"{source}: invalid value {raw!r}: {e}") from None
+    values["health_policy"] = health_policy(
+        environ.get("DP_DISABLE_HEALTHCHECKS"), environ.get("DP_ENABLE_HEALTHCHECKS")
+    )
     return validate(Config(**values))  # type: ignore[arg-type]
 
 

@@ -1,17 +1,128 @@
-"""When devices turn Unhealthy or Healthy: backend probes applied to the registry, logged once."""
+"""When devices turn Unhealthy or Healthy again: probes and events -> registry, logged once.
+
+Health is a state, not a latch. Every device (by its GPU or MIG UUID; replicas share it)
+has a track: a fault with its reason, since when probes have passed, and the last critical
+event. A fault from the device itself (an XID, a lost GPU) clears once probes have passed
+for `recovery_period` seconds with no new critical event (0: never, NVIDIA's behaviour);
+a fault that was not the device's own (NVML failed, a simulated edit) clears at the next
+passing probe.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
-from aiodp.backend import DeviceBackend
+from aiodp.backend import DeviceBackend, HealthEvent, Probe
 from aiodp.devices import Device, DeviceRegistry, Health
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Track:
+    reason: str | None = None
+    at_once: bool = False
+    ok_since: float | None = None
+    last_event: float | None = None
+
+    def probe(self, p: Probe, now: float, period: float) -> None:
+        if p.health is Health.UNHEALTHY:
+            self.ok_since = None
+            if p.recovers_at_once and self.reason is not None and not self.at_once:
+                return  # the device's own fault outlives a passing failure of NVML
+            self.reason, self.at_once = p.reason or "probe failed", p.recovers_at_once
+            return
+        if self.ok_since is None:
+            self.ok_since = now
+        if self.reason is None:
+            return
+        if self.at_once:
+            self.reason = None
+        elif period > 0:
+            start = max(self.ok_since, self.last_event or self.ok_since)
+            if now - start >= period:
+                self.reason = None
+
+    def event(self, reason: str, now: float, at_once: bool) -> None:
+        if not at_once:
+            self.reason, self.at_once, self.last_event = reason, False, now
+        elif self.reason is None:
+            self.reason, self.at_once = reason, True
+
+
+class HealthTracker:
+    """Turns probe results and events into registry health, one transition log each."""
+
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        *,
+        recovery_period: float,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.recovery_period = recovery_period
+        self._clock = clock
+        self._tracks: dict[str, _Track] = {}
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    def _devices(self) -> tuple[Device, ...]:
+        return self.registry.inventory().devices
+
+    def _track(self, uuid: str) -> _Track:
+        return self._tracks.setdefault(uuid, _Track())
+
+    def on_probes(self, probes: Mapping[str, Probe]) -> tuple[tuple[Device, Device], ...]:
+        """Probe verdicts keyed by GPU (or device) UUID; a GPU's verdict covers its MIG devices."""
+        now = self._now()
+        gpu_of = {d.uuid: d.gpu for d in self._devices()}
+        for uuid, gpu in sorted(gpu_of.items()):
+            p = probes.get(uuid) or probes.get(gpu)
+            if p is not None:
+                self._track(uuid).probe(p, now, self.recovery_period)
+        return self._apply()
+
+    def on_event(self, event: HealthEvent) -> tuple[tuple[Device, Device], ...]:
+        """A critical event marks its GPU (and all on it), its MIG device, or everything."""
+        if not event.critical:
+            log.info(
+                "ignoring %s on %s (health policy)",
+                event.reason,
+                event.uuid or "all GPUs",
+                extra={"device": event.uuid, "xid": event.xid, "reason": event.reason},
+            )
+            return ()
+        now = self._now()
+        hit = {d.uuid for d in self._devices() if not event.uuid or event.uuid in (d.uuid, d.gpu)}
+        if not hit:
+            log.warning(
+                "%s on unknown device %s",
+                event.reason,
+                event.uuid,
+                extra={"device": event.uuid, "xid": event.xid},
+            )
+        for uuid in sorted(hit):
+            self._track(uuid).event(event.reason, now, event.recovers_at_once)
+        return self._apply()
+
+    def _apply(self) -> tuple[tuple[Device, Device], ...]:
+        verdicts: dict[str, tuple[Health, str]] = {}
+        for d in self._devices():
+            track = self._tracks.get(d.uuid)
+            if track is None:
+                continue
+            reason = track.reason
+            verdicts[d.id] = (Health.HEALTHY, "") if reason is None else (Health.UNHEALTHY, reason)
+        changes = self.registry.apply_health(verdicts)
+        log_transitions(changes)
+        return changes
 
 
 def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
@@ -38,17 +149,15 @@ def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
             )
 
 
-async def probe_once(backend: DeviceBackend, registry: DeviceRegistry) -> None:
+async def probe_once(backend: DeviceBackend, tracker: HealthTracker) -> None:
     """Probe every device's GPU once and apply the verdicts in one registry change."""
-    gpus = sorted({d.uuid for d in registry.inventory().devices})
-    probes = await backend.probe_health(gpus)
-    changes = registry.apply_health({k: (p.health, p.reason) for k, p in probes.items()})
-    log_transitions(changes)
+    gpus = sorted({d.gpu for d in tracker.registry.inventory().devices})
+    tracker.on_probes(await backend.probe_health(gpus))
 
 
 async def run_health(
     backend: DeviceBackend,
-    registry: DeviceRegistry,
+    tracker: HealthTracker,
     *,
     interval: float,
     wake: asyncio.Event,
@@ -56,7 +165,15 @@ async def run_health(
     """Probe every `interval` seconds, and at once whenever `wake` is set."""
     while True:
         wake.clear()
-        await probe_once(backend, registry)
+        await probe_once(backend, tracker)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await wake.wait()
+
+
+async def run_health_events(backend: DeviceBackend, tracker: HealthTracker) -> NoReturn:
+    """Apply the backend's asynchronous fault reports (XIDs) as they come."""
+    async with contextlib.aclosing(backend.health_events()) as events:
+        async for event in events:
+            tracker.on_event(event)
+    raise RuntimeError("the backend's health events ended")

@@ -118,7 +118,7 @@ class DevicePluginService(DevicePluginBase):
             self.open_streams -= 1
             if not self.open_streams:
                 self._streams_done.set()
-            if not self.closing.is_set():
+            if not self.closing.is_set() and not self.open_streams:
                 log.warning(
                     "ListAndWatch for %s ended by the kubelet",
                     self.resource,
@@ -258,17 +258,29 @@ async def serve(
     try:
         yield handle
     finally:
-        try:
-            async with asyncio.timeout(shutdown_timeout):
-                await service.close_streams(shutdown_timeout / 2)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(shutdown_timeout / 4):
-                        await server.wait_requests()
-                server.close()
-                server.close_connections()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(shutdown_timeout / 4):
-                        await server.wait_closed()
-        finally:
-            _unlink_if(path, lambda: not handle.socket_intact())
-            log.debug("closed %s on %s", service.resource, path)
+        await _close(server, service, handle, shutdown_timeout)
+
+
+async def _close(
+    server: _Server, service: DevicePluginService, handle: PluginServer, bound: float
+) -> None:
+    """End the streams, let their trailers out, close everything, remove our socket.
+
+    The waits are bounded and best effort; the closing itself also happens when a second
+    cancellation (a shutdown during a re-registration) interrupts them.
+    """
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound / 2):
+                await service.close_streams(bound / 2)
+                await server.wait_requests()
+    finally:
+        server.close()
+        server.close_connections()
+        _unlink_if(handle.path, lambda: not handle.socket_intact())
+        log.debug("closed %s on %s", service.resource, handle.path)
+    # Best effort: let the transports' close callbacks run (3.12+ also waits for peers).
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound / 4):
+            await server.wait_closed()
+            await asyncio.sleep(0)

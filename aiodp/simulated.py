@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, Self
@@ -240,11 +240,14 @@ class SimulatedBackend:
         return self.node.gpus
 
     async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]:
+        # The file states health outright (fault injection): no recovery period applies.
         return {
-            g.uuid: Probe(g.health, g.reason) for g in self.node.gpus if not ids or g.uuid in ids
+            g.uuid: Probe(g.health, g.reason, recovers_at_once=True)
+            for g in self.node.gpus
+            if not ids or g.uuid in ids
         }
 
-    async def health_events(self) -> AsyncIterator[HealthEvent]:
+    async def health_events(self) -> AsyncGenerator[HealthEvent, None]:
         """The simulated node reports faults through its file only; this never yields."""
         never = asyncio.Event()
         while not never.is_set():

@@ -69,7 +69,6 @@ async def test_process_signal_removes_socket_and_exits_zero(
         (["--fail-on-init-error", "maybe"], {}, "--fail-on-init-error: invalid value 'maybe'"),
         (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
         (["--backend", "simulated"], {}, "needs --simulated-devices"),
-        (["--backend", "nvml"], {}, "NVML support is not available"),
     ],
 )
 async def test_process_bad_flag_exits_2_naming_it(
@@ -123,3 +122,32 @@ async def test_process_json_logs_one_object_per_line(short_dir: Path) -> None:
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r.get("resource") == "nvidia.com/gpu" for r in records)
+
+
+async def test_process_nvml_without_driver_fails_in_one_clear_line(short_dir: Path) -> None:
+    code, _, err = await finish(
+        await aiodp("serve", "--backend=nvml", f"--kubelet-socket={short_dir / 'kubelet.sock'}")
+    )
+    assert code == 1
+    lines = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(lines) == 1
+    assert "cannot start the device backend: NVML initialisation failed:" in lines[0]
+    assert "Traceback" not in err
+
+
+async def test_process_nvml_without_driver_waits_when_told(short_dir: Path) -> None:
+    proc = await aiodp(
+        "serve",
+        "--backend=nvml",
+        "--fail-on-init-error=false",
+        f"--kubelet-socket={short_dir / 'kubelet.sock'}",
+    )
+    assert proc.stderr is not None
+    line = await proc.stderr.readline()
+    while b"backend initialisation" not in line:
+        line = await proc.stderr.readline()
+    assert b"attempt #1 failed; retrying" in line
+    assert not (short_dir / "aiodp-nvidia-gpu.sock").exists()  # nothing registered meanwhile
+    proc.send_signal(signal.SIGTERM)
+    code, _, _ = await finish(proc)
+    assert code == 0

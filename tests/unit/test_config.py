@@ -102,3 +102,45 @@ def test_config_is_frozen() -> None:
     c = config.resolve([], {})
     with pytest.raises(AttributeError):
         c.backend = "nvml"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("disable", "enable", "probes", "checks"),
+    [
+        (None, None, True, {79: True, 48: True, 13: False, 109: False}),
+        ("all", None, False, {79: False, 13: False}),
+        ("xids", None, True, {79: False}),
+        ("79,94", None, True, {79: False, 94: False, 48: True, 13: False}),
+        ("all", "79", False, {79: True, 48: False}),
+        (None, "13, 31", True, {13: True, 31: True, 43: False}),
+    ],
+)
+def test_config_health_policy_matches_nvidia(
+    disable: str | None, enable: str | None, probes: bool, checks: dict[int, bool]
+) -> None:
+    env = {
+        k: v
+        for k, v in (("DP_DISABLE_HEALTHCHECKS", disable), ("DP_ENABLE_HEALTHCHECKS", enable))
+        if v is not None
+    }
+    policy = config.resolve([], env).health_policy
+    assert policy.probes is probes
+    assert {x: policy.xid_is_critical(x) for x in checks} == checks
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DP_DISABLE_HEALTHCHECKS": "79,abc"}, "DP_DISABLE_HEALTHCHECKS: invalid value '79,abc'"),
+        ({"DP_ENABLE_HEALTHCHECKS": "x"}, "DP_ENABLE_HEALTHCHECKS: invalid value 'x'"),
+        ({"AIODP_HEALTH_RECOVERY_PERIOD": "-1"}, "AIODP_HEALTH_RECOVERY_PERIOD: invalid value"),
+    ],
+)
+def test_config_health_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.resolve([], env)
+
+
+def test_config_recovery_period() -> None:
+    assert config.resolve([], {}).health_recovery_period == 300
+    assert config.resolve(["--health-recovery-period", "0"], {}).health_recovery_period == 0

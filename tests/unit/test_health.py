@@ -56,13 +56,17 @@ OK = Probe(Health.HEALTHY)
 BAD = Probe(Health.UNHEALTHY, "GPU is lost")
 
 
+@pytest.mark.looptime
 async def test_health_probe_once_logs_each_transition_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     reg = registry()
     backend = ScriptedBackend([{"GPU-1": BAD}, {"GPU-1": BAD}, {"GPU-1": OK}])
+    tracker = health.HealthTracker(reg, recovery_period=0.5)
     for _ in range(3):
-        await health.probe_once(backend, reg)
+        await health.probe_once(backend, tracker)
+    await asyncio.sleep(0.5)  # looptime: fake seconds; the period of passing probes
+    await health.probe_once(backend, tracker)
     lines = [r.getMessage() for r in caplog.records if r.name == "aiodp.health"]
     assert lines == [
         "device GPU-1 health Healthy -> Unhealthy (GPU is lost)",
@@ -84,7 +88,8 @@ async def test_health_polls_every_interval() -> None:
     stream = reg.watch("nvidia.com/gpu")
     await anext(stream)
     async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(health.run_health(backend, reg, interval=5, wake=wake))
+        tracker = health.HealthTracker(reg, recovery_period=300)
+        task = tg.create_task(health.run_health(backend, tracker, interval=5, wake=wake))
         devices = await anext(stream)
         task.cancel()
     assert devices[0].health is Health.UNHEALTHY
@@ -99,7 +104,8 @@ async def test_health_wake_probes_at_once() -> None:
     wake = asyncio.Event()
     loop = asyncio.get_running_loop()
     async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(health.run_health(backend, reg, interval=60, wake=wake))
+        tracker = health.HealthTracker(reg, recovery_period=300)
+        task = tg.create_task(health.run_health(backend, tracker, interval=60, wake=wake))
         await backend.probed.wait()
         start = loop.time()
         backend.probed.clear()

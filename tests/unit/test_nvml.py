@@ -1,0 +1,226 @@
+"""NvmlBackend driven through the fake NVML: discovery, topology, probes, XID events."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiodp import config as cfg
+from aiodp.backend import HealthEvent
+from aiodp.devices import Health
+from aiodp.errors import BackendUnavailable
+from aiodp.nvml import NvmlBackend, mig_profile, sysfs_bdf
+from tests import fakenvml
+from tests.fakenvml import FakeMachine, dgx, with_mig
+
+
+def roots(base: Path, machine: FakeMachine) -> cfg.Config:
+    """Fake /sys, /proc and /dev trees for the machine."""
+    for i, gpu in enumerate(machine.gpus):
+        d = base / "sys/bus/pci/devices" / sysfs_bdf(gpu.bus_id)
+        d.mkdir(parents=True)
+        if i != 7:  # GPU 7: no numa_node file
+            (d / "numa_node").write_text("-1\n" if i == 6 else f"{gpu.numa}\n")
+    for p in ("dev/nvidiactl", "dev/nvidia-uvm"):
+        (base / p).parent.mkdir(parents=True, exist_ok=True)
+        (base / p).write_text("")
+    caps = base / "proc/driver/nvidia/capabilities/gpu3/mig"
+    for gi, minor in ((7, 66), (8, 75), (3, 30)):
+        (caps / f"gi{gi}/ci0").mkdir(parents=True)
+        (caps / f"gi{gi}/access").write_text(f"DeviceFileMinor: {minor}\nDeviceFileMode: 292\n")
+        (caps / f"gi{gi}/ci0/access").write_text(f"DeviceFileMinor: {minor + 1}\n")
+    return dataclasses.replace(
+        cfg.Config(),
+        nvidia_driver_root=base,
+        sys_root=base / "sys",
+        proc_root=base / "proc",
+    )
+
+
+@pytest.fixture
+def machine() -> FakeMachine:
+    return with_mig(dgx(8), 3)
+
+
+@pytest.fixture
+async def backend(short_dir: Path, machine: FakeMachine) -> AsyncIterator[NvmlBackend]:
+    async with NvmlBackend(roots(short_dir, machine), nvml=machine.module()) as b:
+        yield b
+
+
+def test_nvml_helpers() -> None:
+    assert sysfs_bdf("00000000:1A:00.0") == "0000:1a:00.0"
+    assert mig_profile(1, 1, 9856) == "1g.10gb"
+    assert mig_profile(2, 1, 19968) == "1c.2g.20gb"
+    assert mig_profile(7, 7, 80000) == "7g.79gb"
+
+
+async def test_nvml_discovery_table(backend: NvmlBackend) -> None:
+    infos = await backend.discover()
+    assert [g.index for g in infos] == list(range(8))
+    g0 = infos[0]
+    assert (g0.uuid, g0.minor, g0.name, g0.memory_mib) == (
+        "GPU-fake-0000",
+        0,
+        "NVIDIA H100 80GB HBM3",
+        81559,
+    )
+    assert g0.pci_bus_id == "00000000:18:00.0"
+    assert g0.paths == ("/dev/nvidia0",)
+    assert [g.numa_node for g in infos] == [0, 0, 0, 0, 1, 1, None, None]
+    assert not g0.mig_enabled
+    mig = infos[3]
+    assert mig.mig_enabled
+    assert [(m.uuid, m.profile, m.gi, m.ci, m.index) for m in mig.mig_devices] == [
+        ("MIG-fake-3-a", "1g.10gb", 7, 0, 0),
+        ("MIG-fake-3-b", "1g.10gb", 8, 0, 1),
+        ("MIG-fake-3-c", "2g.20gb", 3, 0, 2),
+    ]
+    assert mig.mig_devices[0].paths == (
+        "/dev/nvidia-caps/nvidia-cap66",
+        "/dev/nvidia-caps/nvidia-cap67",
+    )
+    assert backend.control_paths() == ("/dev/nvidiactl", "/dev/nvidia-uvm")
+
+
+async def test_nvml_topology_cached_at_discovery(
+    backend: NvmlBackend, machine: FakeMachine
+) -> None:
+    await backend.discover()
+    machine.calls.clear()
+    topo = await backend.topology()
+    assert machine.calls == []  # no NVML on the request path
+    uuid = [g.uuid for g in machine.gpus]
+    assert topo.score(uuid[0], uuid[1]) == 4 * 100 + 50  # 4 NVLinks + single switch
+    assert topo.score(uuid[0], uuid[2]) == 2 * 100 + 30  # 2 NVLinks + host bridge
+    assert topo.score(uuid[0], uuid[4]) == 10  # across NUMA nodes, no NVLink
+
+
+async def test_nvml_probe_reports_each_fault(backend: NvmlBackend, machine: FakeMachine) -> None:
+    infos = await backend.discover()
+    ids = [g.uuid for g in infos]
+    machine.gpus[1].lost = True
+    machine.gpus[2].retired_pending = True
+    machine.gpus[5].remap_failure = True
+    probes = await backend.probe_health(ids)
+    assert probes[ids[0]].health is Health.HEALTHY
+    assert (probes[ids[1]].health, probes[ids[1]].reason) == (Health.UNHEALTHY, "GPU is lost")
+    assert probes[ids[2]].reason == "retired pages pending (reset required)"
+    assert probes[ids[5]].reason == "row remapping failed"
+    assert not probes[ids[1]].recovers_at_once
+
+
+async def test_nvml_probe_fail_safe_when_nvml_fails_and_recovers(
+    backend: NvmlBackend, machine: FakeMachine
+) -> None:
+    ids = [g.uuid for g in await backend.discover()]
+    machine.broken = fakenvml.NVML_ERROR_DRIVER_NOT_LOADED
+    probes = await backend.probe_health(ids)
+    assert {p.health for p in probes.values()} == {Health.UNHEALTHY}
+    assert all(p.reason == "NVML failure: Driver Not Loaded" for p in probes.values())
+    assert all(p.recovers_at_once for p in probes.values())
+    again = await backend.probe_health(ids)  # still broken: re-init fails too
+    assert {p.health for p in again.values()} == {Health.UNHEALTHY}
+    machine.broken = None
+    healed = await backend.probe_health(ids)
+    assert {p.health for p in healed.values()} == {Health.HEALTHY}
+    assert machine.calls.count("nvmlInit") == 3  # start, failed retry, successful retry
+
+
+@pytest.mark.parametrize("code", [fakenvml.NVML_ERROR_LIBRARY_NOT_FOUND, 9])
+async def test_nvml_init_failure_is_backend_unavailable(short_dir: Path, code: int) -> None:
+    machine = dgx(2)
+    machine.init_error = code
+    with pytest.raises(BackendUnavailable, match="NVML initialisation failed"):
+        async with NvmlBackend(cfg.Config(), nvml=machine.module()):
+            pass
+
+
+async def next_event(events: AsyncIterator[HealthEvent]) -> HealthEvent:
+    async with asyncio.timeout(5):
+        return await anext(events)
+
+
+@pytest.mark.parametrize(
+    ("disable", "enable", "xid", "critical"),
+    [
+        (None, None, 79, True),
+        (None, None, 48, True),
+        *[(None, None, x, False) for x in (13, 31, 43, 45, 68, 109)],
+        ("xids", None, 79, False),
+        ("all", None, 79, False),
+        ("79, 94", None, 79, False),
+        ("79,94", None, 48, True),
+        (None, "13", 13, True),
+        ("all", "79", 79, True),
+        ("all", "79", 48, False),
+        ("48", "48", 48, True),
+    ],
+)
+async def test_nvml_xid_policy_table(
+    short_dir: Path,
+    machine: FakeMachine,
+    disable: str | None,
+    enable: str | None,
+    xid: int,
+    critical: bool,
+) -> None:
+    config = dataclasses.replace(
+        roots(short_dir, machine), health_policy=cfg.health_policy(disable, enable)
+    )
+    async with NvmlBackend(config, nvml=machine.module()) as backend:
+        await backend.discover()
+        events = backend.health_events()
+        try:
+            machine.inject_xid(2, xid)
+            event = await next_event(events)
+        finally:
+            await events.aclose()
+    assert event == HealthEvent(machine.gpus[2].uuid, f"XID {xid}", xid=xid, critical=critical)
+
+
+async def test_nvml_xid_on_a_mig_instance_names_the_mig_device(
+    backend: NvmlBackend, machine: FakeMachine
+) -> None:
+    await backend.discover()
+    events = backend.health_events()
+    try:
+        machine.inject_xid(3, 94, gi=8, ci=0)
+        assert (await next_event(events)).uuid == "MIG-fake-3-b"
+        machine.inject_xid(3, 79)
+        assert (await next_event(events)).uuid == machine.gpus[3].uuid
+    finally:
+        await events.aclose()
+
+
+async def test_nvml_event_wait_failure_reports_all_devices(
+    backend: NvmlBackend, machine: FakeMachine
+) -> None:
+    await backend.discover()
+    events = backend.health_events()
+    try:
+        machine.wait_error = fakenvml.NVML_ERROR_GPU_IS_LOST
+        event = await next_event(events)
+    finally:
+        await events.aclose()
+    assert event.uuid == ""
+    assert event.reason == "NVML event wait failed: GPU is lost"
+    assert event.recovers_at_once
+
+
+async def test_nvml_gpu_without_event_support_stays_healthy(
+    backend: NvmlBackend, machine: FakeMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    machine.gpus[0].events_supported = False
+    await backend.discover()
+    events = backend.health_events()
+    try:
+        machine.inject_xid(1, 79)
+        assert (await next_event(events)).uuid == machine.gpus[1].uuid
+    finally:
+        await events.aclose()
+    assert "cannot report XID events" in caplog.text
