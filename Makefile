@@ -8,7 +8,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit integration lint typecheck proto proto-check bench clean
+.PHONY: help install run test unit integration lint typecheck proto proto-check bench wheels gpu-check clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +53,16 @@ proto-check: $(STAMP) ## fail when aiodp/api/ differs from what protos/ generate
 
 bench: $(STAMP) ## latency table: GetPreferredAllocation and Allocate over a real socket
 	$(BIN)/python -m bench
+
+wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into wheelhouse/
+	rm -rf wheelhouse && $(BIN)/pip wheel --quiet --no-deps -w wheelhouse .
+	$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
+		--python-version 3.12 --abi cp312 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+		wheelhouse/aiodp-*.whl pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 looptime==0.9
+
+gpu-check: ## on a machine with an NVIDIA GPU: tests/gpu + a real-NVML smoke run (from wheelhouse/)
+	bash scripts/gpu-check.sh
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -4,41 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-GEN = Path(__file__).resolve().parent / "_grpcio_gen"
-
-
-def _generate_grpcio_stubs() -> None:
-    """grpcio stubs from the same proto, for a peer that nobody here wrote."""
-    from grpc_tools import protoc
-
-    GEN.mkdir(exist_ok=True)
-    proto = "deviceplugin/v1beta1/api.proto"
-    rc = protoc.main(
-        [
-            "protoc",
-            f"-I{ROOT / 'protos'}",
-            f"--python_out={GEN}",
-            f"--grpc_python_out={GEN}",
-            str(ROOT / "protos" / proto),
-        ]
-    )
-    assert rc == 0, "grpc_tools.protoc failed"
-    if str(GEN) not in sys.path:
-        sys.path.insert(0, str(GEN))
-    pkg = GEN / "deviceplugin"
-    for d in (pkg, pkg / "v1beta1"):
-        (d / "__init__.py").touch()
-
-
-_generate_grpcio_stubs()
 
 
 @pytest.fixture
