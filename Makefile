@@ -34,8 +34,8 @@ integration: $(STAMP) ## integration tests only (real sockets, stand-in kubelet,
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
-	$(BIN)/ruff format --check aiodp tests bench
-	$(BIN)/ruff check aiodp tests bench
+	$(BIN)/ruff format --check aiodp tests bench scripts
+	$(BIN)/ruff check aiodp tests bench scripts
 	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory typecheck
 

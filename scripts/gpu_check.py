@@ -4,7 +4,6 @@ kubelet stand-in, an Allocate with device specs, and a check that every path exi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sys
 import tempfile
 import time
@@ -37,8 +36,10 @@ async def main() -> int:
     for g in infos:
         p = probes[g.uuid]
         numa = "-" if g.numa_node is None else g.numa_node
-        print(f"{g.index:>3} {g.uuid:<42} {g.name[:26]:<26} {g.memory_mib:>7} {numa:>4} "
-              f"{g.pci_bus_id:<16} {p.health.value} {p.reason}")
+        print(
+            f"{g.index:>3} {g.uuid:<42} {g.name[:26]:<26} {g.memory_mib:>7} {numa:>4} "
+            f"{g.pci_bus_id:<16} {p.health.value} {p.reason}"
+        )
         for m in g.mig_devices:
             print(f"    MIG {m.uuid} {m.profile} gi={m.gi} ci={m.ci} {m.paths}")
     uuids = [g.uuid for g in infos]
@@ -50,8 +51,9 @@ async def main() -> int:
         task = tg.create_task(app.main(config, stop=stop, handle_signals=False))
         reg = await asyncio.wait_for(kubelet.registrations.get(), 30)
         update = await asyncio.wait_for(kubelet.updates.get(), 30)
-        print(f"registered {reg.resource}; kubelet sees "
-              f"{[(d.id, d.health) for d in update.devices]}")
+        print(
+            f"registered {reg.resource}; kubelet sees {[(d.id, d.health) for d in update.devices]}"
+        )
         healthy = [d.id for d in update.devices if d.health == "Healthy"]
         resp = await kubelet.allocate(RESOURCE_GPU, healthy)
         answer = resp.container_responses[0]
