@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from aiodp import health, retry, server, sharing, watch
+from aiodp import health, metrics, probes, retry, server, sharing, watch
 from aiodp import registration as reg
 from aiodp.backend import DeviceBackend
 from aiodp.config import RESOURCE_GPU, Config
@@ -53,6 +53,53 @@ class State:
     registrations: int = 0
     reasons: list[str] = field(default_factory=list)
     """Why each earlier generation ended, oldest first."""
+    phase: str = "starting"
+    """What the plugin is doing while not ready, for /readyz."""
+    service: server.DevicePluginService | None = None
+    eternal: list[asyncio.Task[Any]] = field(default_factory=list)
+    """Tasks that must never end while the plugin runs, for /healthz."""
+    tracker: health.HealthTracker | None = None
+    endpoint: probes.Endpoint | None = None
+    """Where /metrics, /healthz and /readyz are served, once bound."""
+    last_registration: tuple[int | None, int] | None = None
+    """kubelet.sock's (inode, event count) at our last registration: a new kubelet differs."""
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds; re-checked whenever the state changes."""
+        while True:
+            changed = self._changed
+            if condition():
+                return
+            await changed.wait()
+
+    def readiness(self) -> str | None:
+        """None when every resource is registered and its ListAndWatch stream is open."""
+        if not self.registered:
+            return self.phase
+        if self.service is None or not self.service.open_streams:
+            return (
+                f"registered {self.service.resource if self.service else ''}, but no "
+                "ListAndWatch stream is open"
+            )
+        return None
+
+
+def liveness(state: State, config: Config, loop: asyncio.AbstractEventLoop) -> str | None:
+    """None while every eternal task runs and health probes keep coming."""
+    dead = [t.get_name() for t in state.eternal if t.done()]
+    if dead:
+        return f"task(s) ended: {', '.join(dead)}"
+    tracker = state.tracker
+    if tracker is not None and tracker.last_probe is not None and config.health_policy.probes:
+        stalled = loop.time() - tracker.last_probe
+        if stalled > 3 * config.health_interval + 30:
+            return f"no health probe for {stalled:.0f} s"
+    return None
 
 
 def _inode(path: Path) -> int | None:
@@ -136,17 +183,22 @@ async def run_plugins(
     async with watch.DirWatch(config.plugin_dir) as dw:
         while True:
             if _inode(kubelet) is None:
+                state.phase = f"waiting for the kubelet socket {kubelet}"
                 log.info("waiting for the kubelet socket %s", kubelet)
                 await dw.wait(lambda: _inode(kubelet) is not None)
             state.generation += 1
             service = server.DevicePluginService(resource, registry, config, topo(), control_paths)
+            state.service = service
+            state.phase = f"registering {resource} with the kubelet"
             async with server.serve(
                 service, path, shutdown_timeout=config.shutdown_timeout
             ) as plugin:
                 mark = _KubeletMark.now(dw, kubelet)
                 reason = await _generation(config, service, plugin, mark, ready, state)
                 state.registered = False
+                state.phase = f"re-registering: {reason}"
                 state.reasons.append(reason)
+                state.notify()
                 log.info(
                     "plugin generation %d ends: %s",
                     state.generation,
@@ -201,8 +253,13 @@ async def _generation(
     reason = why_redo()
     if reason is not None:
         return reason
+    seen = (mark.inode, mark.events)
+    if state.last_registration is not None and seen != state.last_registration:
+        metrics.observe_kubelet_restart()  # kubelet.sock is another file than last time
+    state.last_registration = seen
     state.registrations += 1
     state.registered = True
+    state.notify()
     ready.set()
     first = await _first(
         {
@@ -342,17 +399,48 @@ async def _run(
     state: State,
 ) -> None:
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(_wait_stop(stop), name="stop-waiter")
-        tg.create_task(_serve(config, given, ready, state), name="serve")
+        stopper = tg.create_task(_wait_stop(stop), name="stop-waiter")
+        state.eternal.append(stopper)
+        if config.metrics_address:
+            loop = asyncio.get_running_loop()
+            checks = probes.Probes(
+                liveness=lambda: liveness(state, config, loop), readiness=state.readiness
+            )
+            bound: asyncio.Future[probes.Endpoint] = loop.create_future()
+            state.eternal.append(
+                tg.create_task(
+                    probes.run_probes(config.metrics_address, checks, bound), name="probes"
+                )
+            )
+            state.endpoint = await bound
+            state.notify()
+        state.eternal.append(tg.create_task(_serve(config, given, ready, state), name="serve"))
 
 
 async def _serve(
     config: Config, given: DeviceBackend | None, ready: asyncio.Event, state: State
 ) -> NoReturn:
     async with contextlib.AsyncExitStack() as stack:
+        state.phase = "starting the device backend"
         backend = await _enter_backend(config, given, stack)
+        if isinstance(backend, SimulatedBackend):
+            metrics.set_backend_state("simulated", True)
+            stack.callback(metrics.set_backend_state, "simulated", False)
+        state.phase = "discovering devices"
         infos = await backend.discover()
         registry = DeviceRegistry(sharing.advertised(infos))
+        metrics.set_device_source(
+            lambda: [
+                (
+                    d.resource,
+                    d.id,
+                    d.health.value,
+                    metrics.reason_class(d.reason) if d.reason else "",
+                )
+                for d in registry.inventory().devices
+            ]
+        )
+        stack.callback(metrics.set_device_source, None)
         topo = await backend.topology()
         log.info(
             "discovered %d GPU(s): %s",
@@ -360,6 +448,7 @@ async def _serve(
             ", ".join(f"{g.index}={g.uuid}" for g in infos),
         )
         tracker = health.HealthTracker(registry, recovery_period=config.health_recovery_period)
+        state.tracker = tracker
         health_wake = asyncio.Event()
         tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
             (
@@ -389,5 +478,5 @@ async def _serve(
             tasks.append(("simulated-watch", run_simulated_watch(backend, registry, health_wake)))
         async with asyncio.TaskGroup() as tg:
             for name, coro in tasks:
-                tg.create_task(coro, name=name)
+                state.eternal.append(tg.create_task(coro, name=name))
     raise RuntimeError("the task tree ended")

@@ -119,8 +119,8 @@ class Config:
     """Exit when the backend cannot start (NVIDIA's default) instead of waiting for it."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
-    metrics_address: str = ""
-    """HOST:PORT of the metrics and probes endpoint; empty turns it off."""
+    metrics_address: str = ":8080"
+    """HOST:PORT of /metrics, /healthz and /readyz (":PORT": every address); empty: off."""
     health_interval: float = 5.0
     """Seconds between health probes (a change in the simulated file is seen at once)."""
     health_recovery_period: float = 300.0
@@ -210,7 +210,7 @@ def _parser() -> _Parser:
     )
     add("--log-level", help="debug|info|warning|error (AIODP_LOG_LEVEL) [info]")
     add("--log-format", help="text|json (AIODP_LOG_FORMAT) [text]")
-    add("--metrics-address", help="HOST:PORT, empty = off (AIODP_METRICS_ADDRESS) []")
+    add("--metrics-address", help="HOST:PORT, empty = off (AIODP_METRICS_ADDRESS) [:8080]")
     add("--health-interval", help="seconds between health probes (AIODP_HEALTH_INTERVAL) [5]")
     add(
         "--health-recovery-period",

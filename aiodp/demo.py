@@ -21,7 +21,7 @@ from pathlib import Path
 
 from grpclib import GRPCError
 
-from aiodp import app
+from aiodp import app, metrics
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.fakekubelet import FakeKubelet, Update
 
@@ -66,6 +66,17 @@ async def _next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Up
                 return update
 
 
+async def http_get(address: str, path: str) -> str:
+    """A tiny HTTP/1.1 GET, enough to read our own /metrics and probes."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return data.partition(b"\r\n\r\n")[2].decode()
+
+
 def _sockets(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("*.sock"))
 
@@ -87,13 +98,15 @@ async def run(base: Config) -> int:
             backend="simulated",
             simulated_devices=devices_file,
             kubelet_socket=directory / "kubelet.sock",
+            metrics_address="127.0.0.1:0" if base.metrics_address else "",
         )
         say(f"aiodp demo: plugin directory {directory}")
-        stop, ready = asyncio.Event(), asyncio.Event()
+        stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
         async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
             t0 = time.monotonic()
             plugin = tg.create_task(
-                app.main(config, stop=stop, ready=ready, handle_signals=False), name="plugin"
+                app.main(config, stop=stop, ready=ready, state=state, handle_signals=False),
+                name="plugin",
             )
             reg = await asyncio.wait_for(kubelet.registrations.get(), 10)
             say(
@@ -143,6 +156,25 @@ async def run(base: Config) -> int:
                 await kubelet.allocate(RESOURCE_GPU, ["GPU-does-not-exist"])
             except GRPCError as e:
                 say(f"   Allocate(unknown id) -> {e.status.name}: {e.message}")
+
+            if state.endpoint is not None:
+                url = f"http://{state.endpoint.address}"
+                text = await http_get(state.endpoint.address, "/metrics")
+                values = metrics.samples(text)
+                ready_text = await http_get(state.endpoint.address, "/readyz")
+                say(
+                    f"\n   metrics and probes on {url}/metrics, /healthz, /readyz "
+                    f"(readyz: {ready_text.strip()})"
+                )
+                for key in (
+                    'aiodp_devices{health="Healthy",resource="nvidia.com/gpu"}',
+                    'aiodp_health_transitions_total{direction="to_unhealthy",'
+                    'reason="XID 79",resource="nvidia.com/gpu"}',
+                    'aiodp_requests_total{code="INVALID_ARGUMENT",method="Allocate",'
+                    'resource="nvidia.com/gpu"}',
+                    'aiodp_registrations_total{resource="nvidia.com/gpu",result="success"}',
+                ):
+                    say(f"   {key} = {values.get(key, 0):g}")
 
             t = time.monotonic()
             await kubelet.restart()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from aiodp import metrics
 from aiodp.backend import DeviceBackend, HealthEvent, Probe
 from aiodp.devices import Device, DeviceRegistry, Health
 
@@ -69,6 +70,8 @@ class HealthTracker:
         self.recovery_period = recovery_period
         self._clock = clock
         self._tracks: dict[str, _Track] = {}
+        self.last_probe: float | None = None
+        """When the last round of probes was applied: the liveness probe's heartbeat."""
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -82,6 +85,7 @@ class HealthTracker:
     def on_probes(self, probes: Mapping[str, Probe]) -> tuple[tuple[Device, Device], ...]:
         """Probe verdicts keyed by GPU (or device) UUID; a GPU's verdict covers its MIG devices."""
         now = self._now()
+        self.last_probe = now
         gpu_of = {d.uuid: d.gpu for d in self._devices()}
         for uuid, gpu in sorted(gpu_of.items()):
             p = probes.get(uuid) or probes.get(gpu)
@@ -91,6 +95,8 @@ class HealthTracker:
 
     def on_event(self, event: HealthEvent) -> tuple[tuple[Device, Device], ...]:
         """A critical event marks its GPU (and all on it), its MIG device, or everything."""
+        if event.xid is not None:
+            metrics.observe_xid(event.xid, event.critical)
         if not event.critical:
             log.info(
                 "ignoring %s on %s (health policy)",
@@ -129,6 +135,9 @@ def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
     """One line per device that changed: WARNING when it fails, INFO when it recovers."""
     for old, new in changes:
         extra = {"resource": new.resource, "device": new.id, "reason": new.reason or old.reason}
+        metrics.observe_transition(
+            new.resource, new.health is Health.HEALTHY, new.reason or old.reason
+        )
         if new.health is Health.UNHEALTHY:
             log.warning(
                 "device %s health %s -> %s (%s)",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import aiofiles
 import pynvml
 
-from aiodp import topology
+from aiodp import metrics, topology
 from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
 from aiodp.config import Config
 from aiodp.devices import Health
@@ -101,7 +101,10 @@ class NvmlBackend:
         except self.n.NVMLError as e:
             self._pool.shutdown(wait=False)
             self._pool = None
+            metrics.observe_nvml_error("nvmlInit")
+            metrics.set_backend_state("nvml", False)
             raise BackendUnavailable(f"NVML initialisation failed: {e}") from None
+        metrics.set_backend_state("nvml", True)
         version = await self._call(self.n.nvmlSystemGetDriverVersion)
         log.info("NVML initialised (driver %s)", _str(version))
         return self
@@ -110,6 +113,7 @@ class NvmlBackend:
         await self._stop_event_thread()
         if self._pool is None:
             return
+        metrics.set_backend_state("nvml", False)
         try:
             await self._call(self.n.nvmlShutdown)
         except self.n.NVMLError as e:
@@ -129,6 +133,7 @@ class NvmlBackend:
         try:
             raw, links, pcie, control = await self._call(self._discover_sync)
         except self.n.NVMLError as e:
+            metrics.observe_nvml_error("discover")
             raise BackendUnavailable(f"NVML discovery failed: {e}") from None
         infos = []
         for info in raw:
@@ -291,12 +296,14 @@ class NvmlBackend:
             except n.NVMLError as e:
                 return {u: self._nvml_failed(e) for u in ids}
             log.info("NVML answers again after: %s", self._broken)
+            metrics.set_backend_state("nvml", True)
             self._broken = None
         out = {}
         for uuid in ids:
             try:
                 out[uuid] = self._probe_one(uuid)
             except n.NVMLError as e:
+                metrics.observe_nvml_error("probe")
                 if e.value in NVML_GONE:
                     return {u: self._nvml_failed(e) for u in ids}
                 reason = "GPU is lost" if e.value in GPU_GONE else f"NVML error: {e}"
@@ -306,6 +313,7 @@ class NvmlBackend:
     def _nvml_failed(self, e: Exception) -> Probe:
         if self._broken is None:
             log.error("NVML failed as a whole: %s", e)
+            metrics.set_backend_state("nvml", False)
         self._broken = str(e)
         return Probe(Health.UNHEALTHY, f"NVML failure: {e}", recovers_at_once=True)
 
@@ -402,6 +410,7 @@ class NvmlBackend:
             except n.NVMLError as e:
                 if e.value == TIMEOUT:
                     continue
+                metrics.observe_nvml_error("nvmlEventSetWait_v2")
                 report(HealthEvent("", f"NVML event wait failed: {e}", recovers_at_once=True))
                 return
             if not int(data.eventType) & n.nvmlEventTypeXidCriticalError:

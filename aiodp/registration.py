@@ -11,7 +11,7 @@ from typing import Final
 from grpclib import GRPCError
 from grpclib.client import Channel
 
-from aiodp import retry
+from aiodp import metrics, retry
 from aiodp.api.v1beta1 import DevicePluginOptions, RegisterRequest, RegistrationStub
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ async def register_once(
 ) -> None:
     """One Register call; the kubelet dials us back and calls GetDevicePluginOptions in it."""
     channel = Channel(path=str(kubelet_socket))
+    ok = False
     try:
         await RegistrationStub(channel).register(
             RegisterRequest(
@@ -43,6 +44,7 @@ async def register_once(
             ),
             timeout=call_timeout,
         )
+        ok = True
     except GRPCError as e:
         log.error(
             "kubelet refused registration of %s: %s %s",
@@ -54,6 +56,7 @@ async def register_once(
         raise
     finally:
         channel.close()
+        metrics.observe_registration(resource, ok)
 
 
 async def register(

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.protocol import H2Protocol
 
-from aiodp import allocate, topology
+from aiodp import allocate, metrics, topology
 from aiodp.api.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
@@ -60,6 +61,22 @@ def grpc_errors() -> Iterator[None]:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
     except UnhealthyDevice as e:
         raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
+
+
+@contextlib.contextmanager
+def observed(method: str, resource: str) -> Iterator[None]:
+    """Count the call by its gRPC status and time it; domain errors mapped inside."""
+    start = time.perf_counter()
+    code = "UNKNOWN"
+    try:
+        with grpc_errors():
+            yield
+        code = "OK"
+    except GRPCError as e:
+        code = e.status.name
+        raise
+    finally:
+        metrics.observe_request(method, resource, code, time.perf_counter() - start)
 
 
 def to_api(devices: Sequence[DomainDevice]) -> ListAndWatchResponse:
@@ -109,12 +126,15 @@ class DevicePluginService(DevicePluginBase):
         self.open_streams += 1
         self._streams_done.clear()
         self.stream_opened.set()
+        metrics.stream_opened(self.resource)
         log.info("ListAndWatch opened for %s", self.resource, extra={"resource": self.resource})
         try:
             async for devices in self.registry.watch(self.resource, until=self.closing):
                 log.debug("ListAndWatch %s: sending %d devices", self.resource, len(devices))
                 yield to_api(devices)
+                metrics.observe_snapshot(self.resource)
         finally:
+            metrics.stream_closed(self.resource)
             self.open_streams -= 1
             if not self.open_streams:
                 self._streams_done.set()
@@ -131,7 +151,7 @@ class DevicePluginService(DevicePluginBase):
     ) -> PreferredAllocationResponse:
         inventory = self.registry.inventory()
         out = []
-        with grpc_errors():
+        with observed("GetPreferredAllocation", self.resource):
             for req in message.container_requests:
                 available = list(dict.fromkeys(req.available_deviceIDs))
                 must = list(dict.fromkeys(req.must_include_deviceIDs))
@@ -148,7 +168,7 @@ class DevicePluginService(DevicePluginBase):
 
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         inventory = self.registry.inventory()
-        with grpc_errors():
+        with observed("Allocate", self.resource):
             responses = [
                 allocate.build_response(
                     req.devices_ids, inventory, self.resource, self.config, self.control_paths

@@ -12,7 +12,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def grpcio_stubs() -> tuple[object, object]:
     return api_pb2, api_pb2_grpc
 
 
-def start(kind: str, directory: Path) -> tuple[subprocess.Popen[str], str]:
+def start(kind: str, directory: Path) -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.server", kind, str(directory)],
         stdin=subprocess.PIPE,
@@ -99,16 +101,48 @@ def start(kind: str, directory: Path) -> tuple[subprocess.Popen[str], str]:
     line = proc.stdout.readline().split()
     if not line or line[0] != "READY":
         raise RuntimeError(f"{kind} server did not start")
-    return proc, line[1]
+    return proc, line[1], line[2]
 
 
-def bench_allocate(rounds: int = 4, calls: int = 500) -> dict[str, tuple[float, float]]:
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Scraper(threading.Thread):
+    """GET /metrics once a second while `on` is set."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://{address}/metrics"
+        self.on = threading.Event()
+        self.done = threading.Event()
+        self.scrapes = 0
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if not self.on.wait(0.05):
+                continue
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                r.read()
+            self.scrapes += 1
+            self.done.wait(1.0)
+
+
+def bench_allocate(
+    rounds: int = 4, calls: int = 500
+) -> tuple[dict[str, tuple[float, float]], float, int]:
     import grpc
 
     api_pb2, api_pb2_grpc = grpcio_stubs()
     directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
     servers = {kind: start(kind, directory) for kind in ("floor", "plugin")}
-    samples: dict[str, list[float]] = {kind: [] for kind in servers}
+    samples: dict[str, list[float]] = {kind: [] for kind in (*servers, "plugin+metrics")}
+    scraper = Scraper(servers["plugin"][2])
+    scraper.start()
     request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
         container_requests=[
             api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
@@ -119,26 +153,34 @@ def bench_allocate(rounds: int = 4, calls: int = 500) -> dict[str, tuple[float, 
     try:
         stubs: dict[str, Callable[..., object]] = {}
         channels = []
-        for kind, (_, path) in servers.items():
+        for kind, (_, path, _) in servers.items():
             channel = grpc.insecure_channel(f"unix://{path}")
             channels.append(channel)
             stubs[kind] = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
             for _ in range(300):
                 stubs[kind](request, timeout=5)
         for _ in range(rounds):
-            for kind, call in stubs.items():
-                for _ in range(calls):
+            for kind in ("floor", "plugin", "plugin+metrics"):
+                call = stubs[kind.split("+")[0]]
+                n = calls
+                if kind == "plugin+metrics":
+                    scraper.on.set()
+                    n = calls * 4  # long enough for several scrapes a round
+                for _ in range(n):
                     t = time.perf_counter()
                     call(request, timeout=5)
                     samples[kind].append(time.perf_counter() - t)
+                scraper.on.clear()
         for channel in channels:
             channel.close()
+        rss = rss_mib(servers["plugin"][0].pid)
     finally:
-        for proc, _ in servers.values():
+        scraper.done.set()
+        for proc, _, _ in servers.values():
             assert proc.stdin is not None
             proc.stdin.close()
             proc.wait(timeout=15)
-    return {kind: stats(s) for kind, s in samples.items()}
+    return {kind: stats(s) for kind, s in samples.items()}, rss, scraper.scrapes
 
 
 def main() -> None:
@@ -150,16 +192,21 @@ def main() -> None:
     print(f"  {'topology':<11} {'GPUs':>4} {'median ms':>10} {'p99 ms':>8}")
     for name, n, med, p99 in bench_preferred():
         print(f"  {name:<11} {n:>4} {med:>10.3f} {p99:>8.3f}")
-    print("\nAllocate over a unix socket, grpcio client (4 x 500 calls after 300 warm-up)")
-    res = bench_allocate()
+    print(
+        "\nAllocate over a unix socket, grpcio client (4 rounds of 500 calls, 2000 with /metrics "
+        "scraped; 300 warm-up)"
+    )
+    res, rss, scrapes = bench_allocate()
     floor_med = res["floor"][0]
     print(f"  {'server':<36} {'median ms':>10} {'p99 ms':>8} {'x floor':>8}")
     for kind, label in (
         ("floor", "bare grpclib, fixed AllocateResponse"),
         ("plugin", "aiodp plugin (8 simulated GPUs)"),
+        ("plugin+metrics", "aiodp plugin, /metrics scraped 1/s"),
     ):
         med, p99 = res[kind]
         print(f"  {label:<36} {med:>10.3f} {p99:>8.3f} {med / floor_med:>8.2f}")
+    print(f"  ({scrapes} scrapes of /metrics during the last row; plugin RSS {rss:.1f} MiB)")
 
 
 if __name__ == "__main__":

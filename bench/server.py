@@ -43,7 +43,7 @@ async def serve_floor(directory: Path) -> None:
     path = directory / "floor.sock"
     server = grpclib.server.Server([Floor()])
     await server.start(path=str(path))
-    print(f"READY {path}", flush=True)
+    print(f"READY {path} -", flush=True)
     await stdin_closed()
     server.close()
 
@@ -52,14 +52,20 @@ async def serve_plugin(directory: Path) -> None:
     devices = directory / "devices.yaml"
     devices.write_text(h100_node())
     config = Config(
-        backend="simulated", simulated_devices=devices, kubelet_socket=directory / "kubelet.sock"
+        backend="simulated",
+        simulated_devices=devices,
+        kubelet_socket=directory / "kubelet.sock",
+        metrics_address="127.0.0.1:0",
     )
-    stop, ready = asyncio.Event(), asyncio.Event()
+    stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
     async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
-        task = tg.create_task(app.main(config, stop=stop, ready=ready, handle_signals=False))
+        task = tg.create_task(
+            app.main(config, stop=stop, ready=ready, state=state, handle_signals=False)
+        )
         await ready.wait()
         await kubelet.updates.get()
-        print(f"READY {config.socket_path('nvidia.com/gpu')}", flush=True)
+        assert state.endpoint is not None
+        print(f"READY {config.socket_path('nvidia.com/gpu')} {state.endpoint.address}", flush=True)
         await stdin_closed()
         stop.set()
         await task

@@ -19,7 +19,10 @@ from aiodp.nvml import NvmlBackend
 async def main() -> int:
     directory = Path(tempfile.mkdtemp(prefix="aiodp-gpu-"))
     config = Config(
-        backend="nvml", kubelet_socket=directory / "kubelet.sock", pass_device_specs=True
+        backend="nvml",
+        kubelet_socket=directory / "kubelet.sock",
+        pass_device_specs=True,
+        metrics_address="",
     )
     t0 = time.monotonic()
     try:

@@ -67,7 +67,7 @@ async def running(
         backend="simulated",
         simulated_devices=devices_file,
         kubelet_socket=directory / "kubelet.sock",
-        **overrides,
+        **{"metrics_address": "", **overrides},
     )
     stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
     async with contextlib.AsyncExitStack() as stack:

@@ -26,6 +26,7 @@ def config(directory: Path, **overrides: object) -> Config:
         kubelet_socket=directory / "kubelet.sock",
         health_interval=0.05,
         health_recovery_period=0.2,
+        metrics_address="",
         **overrides,  # type: ignore[arg-type]
     )
 

@@ -24,7 +24,7 @@ async def aiodp(*args: str, env: dict[str, str] | None = None) -> asyncio.subpro
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "AIODP_METRICS_ADDRESS": "", **(env or {})},
     )
 
 

@@ -19,7 +19,7 @@ def test_config_defaults_match_nvidia() -> None:
     assert c.fail_on_init_error is True
     assert c.pass_device_specs is False
     assert c.cdi_annotation_prefix == "cdi.k8s.io/"
-    assert c.metrics_address == ""
+    assert c.metrics_address == ":8080"
     assert c.health_interval == 5.0
     assert c.dev_root == Path("/")
 
