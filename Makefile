@@ -1,4 +1,5 @@
 # aiodp: every target is a thin wrapper; CI (.ci/run) and humans run the same commands.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit integration lint typecheck proto proto-check bench wheels gpu-check clean
+.PHONY: help install run test unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,8 +62,26 @@ wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into
 		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
 		wheelhouse/aiodp-*.whl pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 looptime==0.9
 
+wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11, x86-64) into wheelhouse/
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
+		--python-version 3.11 --abi cp311 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+		'setuptools>=77' -r <($(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))')
+
 gpu-check: ## on a machine with an NVIDIA GPU: tests/gpu + a real-NVML smoke run (from wheelhouse/)
 	bash scripts/gpu-check.sh
+
+helm-lint: $(STAMP) ## lint and render the chart (Helm SDK), validate it against Kubernetes schemas
+	$(BIN)/python -m pytest -q tests/helm
+
+image: $(STAMP) ## hadolint the Dockerfile, then build the image (needs a Docker engine)
+	$(BIN)/hadolint Dockerfile
+	mkdir -p wheelhouse
+	docker build -t aiodp:$$($(BIN)/python -c 'import aiodp; print(aiodp.__version__)') .
+
+image-test: wheels-image ## prove the image offline: own dockerd, debootstrap base, --network=none build, demo inside
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/image-test.sh
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,35 @@
+# aiodp container image. Multi-stage: wheels are built in the first stage, the runtime stage
+# holds only the installed package. BASE_IMAGE must provide python3 with the venv module.
+# Offline builds: `make wheels-image` fills wheelhouse/ and PIP_NO_INDEX=1 keeps pip off the
+# network (see `make image-test`).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ARG PIP_NO_INDEX=""
+ENV PIP_NO_INDEX=${PIP_NO_INDEX} \
+    PIP_FIND_LINKS=/src/wheelhouse \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY aiodp ./aiodp
+COPY wheelhouse ./wheelhouse
+RUN python3 -m venv /opt/aiodp \
+    && /opt/aiodp/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
+    && /opt/aiodp/bin/pip install /tmp/wheels/aiodp-*.whl \
+    && /opt/aiodp/bin/pip uninstall --yes pip \
+    && find /opt/aiodp -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="aiodp" \
+      org.opencontainers.image.description="asyncio-native Kubernetes device plugin for NVIDIA GPUs" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/aiodp/aiodp"
+COPY --from=build /opt/aiodp /opt/aiodp
+ENV PATH=/opt/aiodp/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+ENTRYPOINT ["python", "-m", "aiodp"]
+CMD ["serve"]

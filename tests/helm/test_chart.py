@@ -1,0 +1,223 @@
+"""The Helm chart rendered by the Helm SDK, each object checked against Kubernetes' schemas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+pytestmark = pytest.mark.helm
+
+CHART = str(Path(__file__).resolve().parents[2] / "charts" / "nvidia-gpu")
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+CRDS = {"ServiceMonitor", "PodMonitor"}  # monitoring.coreos.com: not in Kubernetes' schemas
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cdi": {"deviceListStrategy": ["cdi-annotations", "cdi-cri"], "deviceIDStrategy": "index"},
+    "mig-mixed-configmap": {
+        "migStrategy": "mixed",
+        "config": {
+            "map": {
+                "default": "version: v1\nflags:\n  migStrategy: mixed\n",
+                "ts": "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+                "    - name: nvidia.com/gpu\n      replicas: 4\n",
+            },
+            "default": "ts",
+        },
+    },
+    "cpu-manager": {"compatWithCPUManager": True, "nvidiaDriverRoot": "/run/nvidia/driver"},
+    "service-monitor": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "healthInterval": 2.5,
+        "healthRecoveryPeriod": 0,
+        "logFormat": "json",
+    },
+    "pod-monitor-no-probes": {
+        "metrics": {"podMonitor": {"enabled": True}},
+        "probes": {"liveness": {"enabled": False}},
+        "runtimeClassName": "nvidia",
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render(values=values, name="gpu", namespace="kube-system")
+    objects = []
+    for name, text in sorted(files.items()):
+        if name.endswith(".yaml"):
+            objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def kind(objects: list[dict[str, Any]], k: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == k]
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (ds,) = kind(objects, "DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    return c  # type: ignore[no-any-return]
+
+
+def env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<from>") for e in container(objects)["env"]}
+
+
+def pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (ds,) = kind(objects, "DaemonSet")
+    return ds["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def test_chart_lints_clean() -> None:
+    result = helm_python.lint(CHART, strict=True)
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] >= 2] == []
+
+
+def cases() -> Iterator[tuple[str, str]]:
+    for name in VALUE_SETS:
+        for version in KUBE_VERSIONS:
+            yield name, version
+
+
+@pytest.mark.parametrize(("values", "version"), list(cases()))
+def test_chart_objects_validate(values: str, version: str) -> None:
+    objects = render(VALUE_SETS[values])
+    assert kind(objects, "DaemonSet")
+    for obj in objects:
+        if obj["kind"] in CRDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_chart_defaults() -> None:
+    objects = render({})
+    c = container(objects)
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    sc = c["securityContext"]
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert env(objects) == {
+        "NODE_NAME": "<from>",
+        "NVIDIA_VISIBLE_DEVICES": "all",
+        "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        "KUBELET_SOCKET": "/var/lib/kubelet/device-plugins/kubelet.sock",
+        "AIODP_METRICS_ADDRESS": ":8080",
+    }  # nothing else: unset values leave the program's defaults alone
+    spec = pod(objects)
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["terminationGracePeriodSeconds"] > 10
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = {t["matchExpressions"][0]["key"] for t in terms["nodeSelectorTerms"]}
+    assert keys == {"feature.node.kubernetes.io/pci-10de.present", "nvidia.com/gpu.present"}
+    (vol,) = spec["volumes"]
+    assert vol["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
+    assert not kind(objects, "ConfigMap")
+    assert not kind(objects, "ServiceMonitor")
+    assert "privileged" not in sc
+
+
+def test_chart_env_only_when_set() -> None:
+    objects = render(VALUE_SETS["cdi"] | {"failOnInitError": False, "healthInterval": 2})
+    e = env(objects)
+    assert e["DEVICE_LIST_STRATEGY"] == "cdi-annotations,cdi-cri"
+    assert e["DEVICE_ID_STRATEGY"] == "index"
+    assert e["FAIL_ON_INIT_ERROR"] == "false"
+    assert e["AIODP_HEALTH_INTERVAL"] == "2"
+    assert "MIG_STRATEGY" not in e
+    assert "PASS_DEVICE_SPECS" not in e
+
+
+def test_chart_config_map_is_mounted_as_a_directory() -> None:
+    objects = render(VALUE_SETS["mig-mixed-configmap"])
+    (cm,) = kind(objects, "ConfigMap")
+    assert set(cm["data"]) == {"default", "ts"}
+    assert env(objects)["CONFIG_FILE"] == "/config/ts"
+    assert env(objects)["MIG_STRATEGY"] == "mixed"
+    mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == "/config"
+    assert "subPath" not in mount  # subPath mounts never see ConfigMap edits
+    vol = next(v for v in pod(objects)["volumes"] if v["name"] == "config")
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]
+
+
+def test_chart_external_config_map() -> None:
+    objects = render({"config": {"name": "my-configs"}})
+    assert not kind(objects, "ConfigMap")
+    assert env(objects)["CONFIG_FILE"] == "/config/default"
+    vol = next(v for v in pod(objects)["volumes"] if v["name"] == "config")
+    assert vol["configMap"]["name"] == "my-configs"
+
+
+def test_chart_compat_with_cpu_manager_is_privileged() -> None:
+    objects = render(VALUE_SETS["cpu-manager"])
+    assert container(objects)["securityContext"] == {"privileged": True}
+    assert env(objects)["PASS_DEVICE_SPECS"] == "true"
+    assert env(objects)["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
+    vol = next(v for v in pod(objects)["volumes"] if v["name"] == "driver-root")
+    assert vol["hostPath"]["path"] == "/run/nvidia/driver"
+
+
+def test_chart_service_monitor() -> None:
+    objects = render(VALUE_SETS["service-monitor"])
+    (svc,) = kind(objects, "Service")
+    (sm,) = kind(objects, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert env(objects)["AIODP_LOG_FORMAT"] == "json"
+    assert env(objects)["AIODP_HEALTH_RECOVERY_PERIOD"] == "0"
+
+
+def test_chart_metrics_off_means_no_probes() -> None:
+    objects = render({"metrics": {"enabled": False}})
+    c = container(objects)
+    assert "livenessProbe" not in c
+    assert "ports" not in c
+    assert env(objects)["AIODP_METRICS_ADDRESS"] == ""
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"healthInterval": "5s"}, "/healthInterval"),
+        ({"migStrategy": "half"}, "/migStrategy"),
+        ({"deviceListStrategy": "files"}, "/deviceListStrategy"),
+        ({"noSuchValue": 1}, "additional properties 'noSuchValue'"),
+        ({"metrics": {"port": 0}}, "/metrics/port"),
+        ({"terminationGracePeriodSeconds": 5}, "/terminationGracePeriodSeconds"),
+    ],
+)
+def test_chart_schema_refuses_bad_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=where):
+        render(values)
+
+
+def test_chart_map_and_name_are_exclusive() -> None:
+    with pytest.raises(helm_python.HelmError, match="exclusive"):
+        render({"config": {"map": {"a": "version: v1"}, "name": "b"}})
+
+
+def test_chart_app_version_matches_the_package() -> None:
+    import tomllib
+
+    root = Path(CHART).parents[1]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((Path(CHART) / "Chart.yaml").read_text())
+    assert chart["appVersion"] == version
