@@ -109,7 +109,8 @@ def test_chart_defaults() -> None:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["resources"]["requests"]
+    assert c["resources"]["limits"]["memory"]
     assert env(objects) == {
         "NODE_NAME": "<from>",
         "NVIDIA_VISIBLE_DEVICES": "all",
