@@ -7,11 +7,13 @@ Precedence: flag > environment variable > default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, NoReturn, TypeVar, cast
 
+from aiodp import configfile
 from aiodp.errors import ConfigError
 
 RESOURCE_GPU: Final = "nvidia.com/gpu"
@@ -23,6 +25,8 @@ IdStrategy = Literal["uuid", "index"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
+MigStrategy = Literal["none", "single", "mixed"]
+AllocationPolicy = Literal["distributed", "packed"]
 
 LIST_STRATEGIES: Final[tuple[ListStrategy, ...]] = (
     "envvar",
@@ -97,6 +101,19 @@ class Config:
     """Everything the plugin runs with; built once by `resolve`, never changed."""
 
     command: Command = "serve"
+    config_file: Path | None = None
+    """NVIDIA's `version: v1` config file; watched and applied live."""
+    mig_strategy: MigStrategy = "none"
+    """How MIG devices are advertised: not at all, as nvidia.com/gpu, or per profile."""
+    shared_devices_allocation_policy: AllocationPolicy = "distributed"
+    """Preferred allocation of replicas and MIG devices: spread over GPUs, or pack them."""
+    mps_root: Path | None = None
+    """Host directory of the MPS control daemon's pipes and shm (needed with sharing.mps)."""
+    sharing: configfile.Sharing | None = None
+    gpu_names: tuple[configfile.NamePattern, ...] = ()
+    mig_names: tuple[configfile.NamePattern, ...] = ()
+    overrides: Mapping[str, object] = dataclasses.field(default_factory=dict, compare=False)
+    """The settings given by flag or environment: they win over the config file on reload."""
     kubelet_socket: Path = Path(DEFAULT_KUBELET_SOCKET)
     """The kubelet's Registration socket; our own sockets go into its directory."""
     backend: BackendName = "auto"
@@ -170,6 +187,13 @@ def _parser() -> _Parser:
     p = _Parser(prog="aiodp", description="Kubernetes device plugin for NVIDIA GPUs")
     p.add_argument("command", nargs="?", choices=("serve", "demo"), default=None)
     add = p.add_argument
+    add("--config-file", help="NVIDIA's version: v1 config file, applied live (CONFIG_FILE)")
+    add("--mig-strategy", help="none|single|mixed (MIG_STRATEGY) [none]")
+    add(
+        "--shared-devices-allocation-policy",
+        help="distributed|packed (SHARED_DEVICES_ALLOCATION_POLICY) [distributed]",
+    )
+    add("--mps-root", help="host directory of the MPS daemon's pipes (MPS_ROOT)")
     add(
         "--kubelet-socket",
         help=f"kubelet registration socket (KUBELET_SOCKET) [{DEFAULT_KUBELET_SOCKET}]",
@@ -221,6 +245,10 @@ def _parser() -> _Parser:
 
 
 _ENV: Final[Mapping[str, str]] = {
+    "config_file": "CONFIG_FILE",
+    "mig_strategy": "MIG_STRATEGY",
+    "shared_devices_allocation_policy": "SHARED_DEVICES_ALLOCATION_POLICY",
+    "mps_root": "MPS_ROOT",
     "kubelet_socket": "KUBELET_SOCKET",
     "backend": "AIODP_BACKEND",
     "simulated_devices": "AIODP_SIMULATED_DEVICES",
@@ -316,6 +344,10 @@ def _cdi_kind(value: str) -> str:
 
 
 _PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
+    "config_file": _path,
+    "mig_strategy": _choice(("none", "single", "mixed")),
+    "shared_devices_allocation_policy": _choice(("distributed", "packed")),
+    "mps_root": _path,
     "kubelet_socket": _path,
     "backend": _choice(("auto", "nvml", "simulated")),
     "simulated_devices": _path,
@@ -335,10 +367,26 @@ _PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
 }
 
 
-def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Flags over environment over defaults; raises ConfigError naming the flag and value."""
+def _file_value(raw: object) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, list | tuple):
+        return ",".join(str(x) for x in raw)
+    return str(raw)
+
+
+def resolve(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    read: Callable[[Path], str] | None = None,
+) -> Config:
+    """Flags over environment over the config file over defaults.
+
+    `read` reads the config file (tests pass a dict lookup); a ConfigError names the flag,
+    variable or key path and the value.
+    """
     ns = _parser().parse_args(list(argv))
-    values: dict[str, object] = {"command": ns.command or "serve"}
+    overrides: dict[str, object] = {}
     for key, env in _ENV.items():
         raw = getattr(ns, key)
         source = flag_name(key)
@@ -347,13 +395,56 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         if raw is None:
             continue
         try:
-            values[key] = _PARSERS[key](raw)
+            overrides[key] = _PARSERS[key](raw)
         except ValueError as e:
             raise ConfigError(f"{source}: invalid value {raw!r}: {e}") from None
-    values["health_policy"] = health_policy(
+    overrides["health_policy"] = health_policy(
         environ.get("DP_DISABLE_HEALTHCHECKS"), environ.get("DP_ENABLE_HEALTHCHECKS")
     )
+    command: Command = ns.command or "serve"
+    path = overrides.get("config_file")
+    file = None
+    if isinstance(path, Path):
+        try:
+            text = (read or Path.read_text)(path)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+        file = parse_file(text, path)
+    return build(overrides, file, command=command)
+
+
+def parse_file(text: str, path: Path | str) -> configfile.ConfigFile:
+    try:
+        return configfile.parse(text)
+    except configfile.ConfigFileError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def build(
+    overrides: Mapping[str, object],
+    file: configfile.ConfigFile | None,
+    *,
+    command: Command = "serve",
+) -> Config:
+    """One Config from flag/env values and a parsed config file (file values lose)."""
+    values: dict[str, object] = {}
+    if file is not None:
+        for key, (where, raw) in file.flags.items():
+            try:
+                values[key] = _PARSERS[key](_file_value(raw))
+            except ValueError as e:
+                raise ConfigError(f"{where}: invalid value {raw!r}: {e}") from None
+        values.update(sharing=file.sharing, gpu_names=file.gpu_names, mig_names=file.mig_names)
+    values.update(overrides)
+    values["command"] = command
+    values["overrides"] = dict(overrides)
     return validate(Config(**values))  # type: ignore[arg-type]
+
+
+def reload(current: Config, text: str) -> Config:
+    """The running config with a new config file's content; raises ConfigError."""
+    path = current.config_file or "config file"
+    return build(current.overrides, parse_file(text, path), command=current.command)
 
 
 def validate(config: Config) -> Config:
@@ -368,4 +459,9 @@ def validate(config: Config) -> Config:
             f"--kubelet-socket: invalid value {str(config.kubelet_socket)!r}: "
             "the directory is too long for a unix socket path (107 bytes)"
         )
+    if config.sharing is not None and config.sharing.method == "mps":
+        if config.mps_root is None:
+            raise ConfigError("sharing.mps: needs flags.mpsRoot (--mps-root, MPS_ROOT)")
+        if config.mig_strategy == "mixed":
+            raise ConfigError("sharing.mps: cannot be combined with migStrategy mixed")
     return config
