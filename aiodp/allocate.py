@@ -8,15 +8,17 @@ Mirrors NVIDIA's plugin per device-list strategy: CDI names first (annotations a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Final
 
 from aiodp.api.v1beta1 import CdiDevice, ContainerAllocateResponse, DeviceSpec, Mount
 from aiodp.config import Config
-from aiodp.devices import Device, Health, Inventory
-from aiodp.errors import UnhealthyDevice, UnknownDevice
+from aiodp.devices import Device, Health, Inventory, Resource
+from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
 
 VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
+CDI_KEY_NAMESPACE: Final = uuid.UUID("6f1d2e0a-5c1b-4e8f-9a51-61a0d90c0a51")
 VOLUME_MOUNT_DIR: Final = "/var/run/nvidia-container-devices"
 CDI_STRATEGIES: Final = frozenset({"cdi-annotations", "cdi-cri"})
 
@@ -41,33 +43,51 @@ def visible_ids(devices: Sequence[Device], config: Config) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def cdi_annotation_key(prefix: str, resource: str, ids: Sequence[str]) -> str:
+    """NVIDIA's key format, `<prefix>nvidia-device-plugin_<uuid>`, with a UUID derived from
+    the request instead of a random one, so that the answer stays the same (idempotent)."""
+    key = uuid.uuid5(CDI_KEY_NAMESPACE, resource + "|" + ",".join(ids))
+    return f"{prefix}nvidia-device-plugin_{key}"
+
+
 def build_response(
     ids: Sequence[str],
     inventory: Inventory,
-    resource: str,
+    resource: Resource,
     config: Config,
     control_paths: Sequence[str] = (),
 ) -> ContainerAllocateResponse:
     """The answer for one container request; the same request gives the same answer."""
-    devices = resolve_ids(ids, inventory, resource)
+    devices = resolve_ids(ids, inventory, resource.name)
+    if (
+        resource.fail_requests_greater_than_one
+        and len(devices) > 1
+        and any(d.replica is not None for d in devices)
+    ):
+        raise InvalidRequest(
+            f"request for {len(devices)} {resource.name} devices too large: "
+            "the maximum for a shared resource is 1 (failRequestsGreaterThanOne)"
+        )
     visible = visible_ids(devices, config)
     strategies = config.device_list_strategy
     resp = ContainerAllocateResponse()
     cdi_names = [f"{config.cdi_kind}={v}" for v in visible]
     if "cdi-annotations" in strategies:
-        key = f"{config.cdi_annotation_prefix}aiodp-{resource.replace('/', '_')}"
+        key = cdi_annotation_key(config.cdi_annotation_prefix, resource.name, visible)
         resp.annotations[key] = ",".join(cdi_names)
     if "cdi-cri" in strategies:
         resp.cdi_devices = [CdiDevice(name=n) for n in cdi_names]
+    if resource.sharing == "mps":
+        _add_mps(resp, resource, devices, config)
     if set(strategies) <= CDI_STRATEGIES:
         return resp
     if "envvar" in strategies:
         resp.envs[VISIBLE_DEVICES] = ",".join(visible)
     if "volume-mounts" in strategies:
         resp.envs[VISIBLE_DEVICES] = VOLUME_MOUNT_DIR
-        resp.mounts = [
+        resp.mounts.extend(
             Mount(container_path=f"{VOLUME_MOUNT_DIR}/{v}", host_path="/dev/null") for v in visible
-        ]
+        )
     if config.pass_device_specs:
         paths = list(control_paths)
         for d in devices:
@@ -78,3 +98,23 @@ def build_response(
             for p in dict.fromkeys(paths)
         ]
     return resp
+
+
+def _add_mps(
+    resp: ContainerAllocateResponse, resource: Resource, devices: Sequence[Device], config: Config
+) -> None:
+    """NVIDIA's MPS environment and mounts, plus the per-client limits of one replica."""
+    pipe = f"/mps/{resource.name}/pipe"
+    root = str(config.mps_root or "").rstrip("/")
+    resp.envs["CUDA_MPS_PIPE_DIRECTORY"] = pipe
+    resp.mounts.append(Mount(container_path=pipe, host_path=f"{root}/{resource.name}/pipe"))
+    resp.mounts.append(Mount(container_path="/dev/shm", host_path=f"{root}/shm"))
+    replicas = max(resource.replicas, 1)
+    resp.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // replicas)
+    limits = [
+        f"{i}={d.memory_mib // replicas}M"
+        for i, d in enumerate(dict((d.uuid, d) for d in devices).values())
+        if d.memory_mib
+    ]
+    if limits:
+        resp.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(limits)

@@ -112,6 +112,8 @@ class Config:
     sharing: configfile.Sharing | None = None
     gpu_names: tuple[configfile.NamePattern, ...] = ()
     mig_names: tuple[configfile.NamePattern, ...] = ()
+    ignored: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    """Config-file keys accepted and ignored (GFD and other NVIDIA-only settings)."""
     overrides: Mapping[str, object] = dataclasses.field(default_factory=dict, compare=False)
     """The settings given by flag or environment: they win over the config file on reload."""
     kubelet_socket: Path = Path(DEFAULT_KUBELET_SOCKET)
@@ -434,7 +436,12 @@ def build(
                 values[key] = _PARSERS[key](_file_value(raw))
             except ValueError as e:
                 raise ConfigError(f"{where}: invalid value {raw!r}: {e}") from None
-        values.update(sharing=file.sharing, gpu_names=file.gpu_names, mig_names=file.mig_names)
+        values.update(
+            sharing=file.sharing,
+            gpu_names=file.gpu_names,
+            mig_names=file.mig_names,
+            ignored=file.ignored,
+        )
     values.update(overrides)
     values["command"] = command
     values["overrides"] = dict(overrides)

@@ -7,7 +7,7 @@ import dataclasses
 import enum
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Literal, NewType
 
 DeviceId = NewType("DeviceId", str)
 
@@ -40,6 +40,20 @@ class Device:
     health: Health = Health.HEALTHY
     reason: str = ""
     """Why the device is Unhealthy; empty while Healthy."""
+    replica: int | None = None
+    """n of a `<uuid>::<n>` replica; None for a whole GPU or MIG device."""
+    memory_mib: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One advertised resource: its name and how its devices are shared."""
+
+    name: str
+    kind: Literal["gpu", "mig"] = "gpu"
+    sharing: Literal["none", "time-slicing", "mps"] = "none"
+    replicas: int = 1
+    fail_requests_greater_than_one: bool = False
 
 
 @dataclass(frozen=True, slots=True)

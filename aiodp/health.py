@@ -118,6 +118,10 @@ class HealthTracker:
             self._track(uuid).event(event.reason, now, event.recovers_at_once)
         return self._apply()
 
+    def reapply(self) -> tuple[tuple[Device, Device], ...]:
+        """Apply the tracked verdicts again, e.g. after the device list was replaced."""
+        return self._apply()
+
     def _apply(self) -> tuple[tuple[Device, Device], ...]:
         verdicts: dict[str, tuple[Health, str]] = {}
         for d in self._devices():

@@ -7,6 +7,7 @@ mapped to gRPC statuses in one place, `grpc_errors()`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -41,7 +42,7 @@ from aiodp.api.v1beta1 import (
 )
 from aiodp.config import Config
 from aiodp.devices import Device as DomainDevice
-from aiodp.devices import DeviceRegistry
+from aiodp.devices import DeviceRegistry, Inventory, Resource
 from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,14 @@ class DevicePluginService(DevicePluginBase):
 
     def __init__(
         self,
-        resource: str,
+        resource: Resource | str,
         registry: DeviceRegistry,
         config: Config,
         topo: topology.Topology,
         control_paths: Sequence[str] = (),
     ) -> None:
-        self.resource = resource
+        self.spec = resource if isinstance(resource, Resource) else Resource(resource)
+        self.resource = self.spec.name
         self.registry = registry
         self.config = config
         self.topo = topo
@@ -162,16 +164,31 @@ class DevicePluginService(DevicePluginBase):
                 ]
                 if unknown:
                     raise UnknownDevice(unknown)
-                ids = topology.preferred(available, must, req.allocation_size, self.topo)
+                ids = self._preferred(inventory, available, must, req.allocation_size)
                 out.append(ContainerPreferredAllocationResponse(device_i_ds=ids))
         return PreferredAllocationResponse(container_responses=out)
+
+    def _preferred(
+        self, inventory: Inventory, available: list[str], must: list[str], size: int
+    ) -> list[str]:
+        """Whole GPUs by topology; replicas and MIG devices by the shared-devices policy."""
+        devices = inventory.for_resource(self.resource)
+        if all(d.replica is None and ":" not in d.index for d in devices):
+            return topology.preferred(available, must, size, self.topo)
+        group: dict[str, str] = {d.id: d.uuid if d.replica is not None else d.gpu for d in devices}
+        totals = collections.Counter(group.values())
+        order: dict[str, int] = {d.id: i for i, d in enumerate(devices)}
+        return topology.preferred_grouped(
+            available, must, size, group, totals, order,
+            self.config.shared_devices_allocation_policy,
+        )  # fmt: skip
 
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         inventory = self.registry.inventory()
         with observed("Allocate", self.resource):
             responses = [
                 allocate.build_response(
-                    req.devices_ids, inventory, self.resource, self.config, self.control_paths
+                    req.devices_ids, inventory, self.spec, self.config, self.control_paths
                 )
                 for req in message.container_requests
             ]

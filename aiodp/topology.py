@@ -68,12 +68,7 @@ def build(
     return Topology(order={u: idx for u, idx, _ in gpus}, scores=scores)
 
 
-def preferred(
-    available: Collection[str], must_include: Collection[str], size: int, topo: Topology
-) -> list[str]:
-    """The best `size` GPUs out of `available` that include `must_include` (see module doc)."""
-    avail = set(available)
-    must = set(must_include)
+def _check(avail: set[str], must: set[str], size: int) -> None:
     if size <= 0:
         raise InvalidRequest(f"allocation_size must be positive, got {size}")
     if not must <= avail:
@@ -86,6 +81,15 @@ def preferred(
             f"must_include has {len(must)} device(s), more than allocation_size {size}"
         )
 
+
+def preferred(
+    available: Collection[str], must_include: Collection[str], size: int, topo: Topology
+) -> list[str]:
+    """The best `size` GPUs out of `available` that include `must_include` (see module doc)."""
+    avail = set(available)
+    must = set(must_include)
+    _check(avail, must, size)
+
     def key(u: str) -> tuple[int, str]:
         return (topo.order.get(u, 1 << 30), u)
 
@@ -97,6 +101,53 @@ def preferred(
     if need == len(cands):
         return sorted(fixed + cands, key=key)
     return sorted(fixed + _search(cands, fixed, need, sorted(avail, key=key), topo), key=key)
+
+
+def preferred_grouped(
+    available: Collection[str],
+    must_include: Collection[str],
+    size: int,
+    group: Mapping[str, str],
+    totals: Mapping[str, int],
+    order: Mapping[str, int],
+    policy: str,
+) -> list[str]:
+    """Replicas and MIG devices: NVIDIA's greedy policy, made deterministic.
+
+    `group` maps each ID to what it shares (the GPU of a replica, the parent GPU of a MIG
+    device); `totals` counts a group's devices in the resource. Each pick takes, by
+    `distributed`, the group with the fewest devices in use (allocated elsewhere or picked
+    now), or by `packed`, the most; then the group picked least in this call; then the
+    lowest index and ID.
+    """
+    avail = set(available)
+    must = set(must_include)
+    _check(avail, must, size)
+    in_use = {g: totals.get(g, 0) for g in set(group.values())}
+    for d in avail:
+        in_use[group[d]] -= 1
+    picked: dict[str, int] = {}
+    for d in must:
+        in_use[group[d]] += 1
+        picked[group[d]] = picked.get(group[d], 0) + 1
+    sign = 1 if policy == "distributed" else -1
+    chosen = sorted(must, key=lambda d: (order.get(d, 1 << 30), d))
+    cands = avail - must
+    for _ in range(size - len(must)):
+        best = min(
+            cands,
+            key=lambda d: (
+                sign * in_use[group[d]],
+                picked.get(group[d], 0),
+                order.get(d, 1 << 30),
+                d,
+            ),
+        )
+        cands.discard(best)
+        chosen.append(best)
+        in_use[group[best]] += 1
+        picked[group[best]] = picked.get(group[best], 0) + 1
+    return chosen
 
 
 def _search(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from aiodp import allocate
 from aiodp.api.v1beta1 import CdiDevice, DeviceSpec, Mount
 from aiodp.config import Config
-from aiodp.devices import Device, DeviceId, Health, Inventory
+from aiodp.devices import Device, DeviceId, Health, Inventory, Resource
 from aiodp.errors import UnhealthyDevice, UnknownDevice
 
 RES = "nvidia.com/gpu"
@@ -29,7 +30,7 @@ def inventory() -> Inventory:
 
 def answer(ids: list[str], **options: object) -> allocate.ContainerAllocateResponse:
     config = dataclasses.replace(Config(), **options)  # type: ignore[arg-type]
-    return allocate.build_response(ids, inventory(), RES, config, CONTROL)
+    return allocate.build_response(ids, inventory(), Resource(RES), config, CONTROL)
 
 
 def test_allocate_envvar_uuid_default() -> None:
@@ -67,7 +68,9 @@ def test_allocate_cdi_only_adds_nothing_else(strategies: tuple[str, ...]) -> Non
     r = answer(["GPU-0", "GPU-2"], device_list_strategy=strategies, pass_device_specs=True)
     names = ["nvidia.com/gpu=GPU-0", "nvidia.com/gpu=GPU-2"]
     if "cdi-annotations" in strategies:
-        assert r.annotations == {"cdi.k8s.io/aiodp-nvidia.com_gpu": ",".join(names)}
+        ((key, value),) = r.annotations.items()
+        assert re.fullmatch(r"cdi\.k8s\.io/nvidia-device-plugin_[0-9a-f-]{36}", key)
+        assert value == ",".join(names)
     else:
         assert r.annotations == {}
     if "cdi-cri" in strategies:
@@ -87,7 +90,11 @@ def test_allocate_cdi_with_envvar_and_custom_names() -> None:
         cdi_kind="example.com/gpu",
         device_id_strategy="index",
     )
-    assert r.annotations == {"cdi.example.org/aiodp-nvidia.com_gpu": "example.com/gpu=1"}
+    key = allocate.cdi_annotation_key("cdi.example.org/", RES, ["1"])
+    assert key.startswith("cdi.example.org/nvidia-device-plugin_")
+    assert r.annotations == {key: "example.com/gpu=1"}
+    other = answer(["GPU-2"], device_list_strategy=("cdi-annotations",))
+    assert set(other.annotations) != {key}  # another request, another key
     assert r.envs == {"NVIDIA_VISIBLE_DEVICES": "1"}
 
 
