@@ -37,7 +37,7 @@ from aiodp import health, metrics, probes, retry, server, sharing, watch
 from aiodp import registration as reg
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
-from aiodp.devices import DeviceRegistry, Resource
+from aiodp.devices import DeviceRegistry, Health, Resource
 from aiodp.errors import BackendUnavailable, ConfigError
 from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
@@ -104,6 +104,8 @@ class State:
     endpoint: probes.Endpoint | None = None
     """Where /metrics, /healthz and /readyz are served, once bound."""
     live: Live | None = None
+    reloads: list[str] = field(default_factory=list)
+    """Config reload results (applied, rejected, unchanged), oldest first."""
     last_registration: tuple[int | None, int] | None = None
     """kubelet.sock's (inode, event count) at our last registration: a new kubelet differs."""
     _pulse: _Pulse = field(default_factory=_Pulse, repr=False)
@@ -279,7 +281,7 @@ async def run_resource(
             continue
         state.generation += 1
         service = server.DevicePluginService(
-            spec, registry, now.config, now.topo, now.control_paths
+            spec, registry, now.config, now.topo, now.control_paths, on_change=state.notify
         )
         state.services[resource] = service
         path = now.config.socket_path(resource)
@@ -381,6 +383,12 @@ async def _generation(
     }[first]
 
 
+def _shape(plan: sharing.Plan) -> tuple[object, ...]:
+    """A plan without health: what decides whether servers must change."""
+    devices = tuple(dataclasses.replace(d, health=Health.HEALTHY, reason="") for d in plan.devices)
+    return (plan.resources, devices)
+
+
 class Reconfigurer:
     """Builds a new plan (new config, rediscovered devices) and applies it in place."""
 
@@ -424,17 +432,17 @@ class Reconfigurer:
             topo = await self.backend.topology()
             control = tuple(self.backend.control_paths())
         plan = sharing.plan(self.infos, config)
-        if (config, plan, topo, control) == (
+        if (config, _shape(plan), topo, control) == (
             self.live.config,
-            self.live.plan,
+            _shape(self.live.plan),
             self.live.topo,
             self.live.control_paths,
         ):
-            return False
+            return False  # health alone is the health tasks' business
         health_of = {d.uuid: (d.health, d.reason) for d in self.registry.inventory().devices}
         devices = [
             dataclasses.replace(d, health=health_of[d.uuid][0], reason=health_of[d.uuid][1])
-            if d.uuid in health_of and not isinstance(self.backend, SimulatedBackend)
+            if d.uuid in health_of
             else d
             for d in plan.devices
         ]
@@ -453,6 +461,11 @@ class Reconfigurer:
         self.changed.notify()
         return True
 
+    def _reloaded(self, result: str) -> None:
+        metrics.observe_config_reload(result)
+        self.state.reloads.append(result)
+        self.state.notify()
+
     async def reload_config(self) -> None:
         """A config file edit: apply it if valid, else keep the running config."""
         try:
@@ -460,9 +473,9 @@ class Reconfigurer:
             applied = await self.apply(new, rediscover=False)
         except ConfigError as e:
             log.warning("config reload rejected, keeping the running config: %s", e)
-            metrics.observe_config_reload("rejected")
+            self._reloaded("rejected")
             return
-        metrics.observe_config_reload("applied" if applied else "unchanged")
+        self._reloaded("applied" if applied else "unchanged")
         if applied:
             log.info("config reloaded from %s", new.config_file)
 

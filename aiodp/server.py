@@ -105,6 +105,7 @@ class DevicePluginService(DevicePluginBase):
         config: Config,
         topo: topology.Topology,
         control_paths: Sequence[str] = (),
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.spec = resource if isinstance(resource, Resource) else Resource(resource)
         self.resource = self.spec.name
@@ -112,6 +113,8 @@ class DevicePluginService(DevicePluginBase):
         self.config = config
         self.topo = topo
         self.control_paths = tuple(control_paths)
+        self.on_change = on_change or (lambda: None)
+        """Called when a stream opens or ends (readiness depends on it)."""
         self.closing = asyncio.Event()
         """Set by `close_streams()`: every ListAndWatch returns normally."""
         self.stream_opened = asyncio.Event()
@@ -129,6 +132,7 @@ class DevicePluginService(DevicePluginBase):
         self._streams_done.clear()
         self.stream_opened.set()
         metrics.stream_opened(self.resource)
+        self.on_change()
         log.info("ListAndWatch opened for %s", self.resource, extra={"resource": self.resource})
         try:
             async for devices in self.registry.watch(self.resource, until=self.closing):
@@ -138,6 +142,7 @@ class DevicePluginService(DevicePluginBase):
         finally:
             metrics.stream_closed(self.resource)
             self.open_streams -= 1
+            self.on_change()
             if not self.open_streams:
                 self._streams_done.set()
             if not self.closing.is_set() and not self.open_streams:

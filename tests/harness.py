@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiodp import app
+from aiodp import config as cfg
 from aiodp.config import Config
 from aiodp.demo import h100_node
 from aiodp.fakekubelet import FakeKubelet, Update
@@ -57,25 +57,29 @@ async def running(
     kubelet_options: dict[str, Any] | None = None,
     node: str | None = None,
     expect_code: int = 0,
+    hup: asyncio.Event | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
     """Start the kubelet stand-in (unless `kubelet=False`) and the plugin; stop both after."""
     devices_file = directory / "devices.yaml"
     devices_file.write_text(node if node is not None else h100_node())
-    config = dataclasses.replace(
-        Config(),
-        backend="simulated",
-        simulated_devices=devices_file,
-        kubelet_socket=directory / "kubelet.sock",
-        **{"metrics_address": "", **overrides},
-    )
+    explicit = {
+        "backend": "simulated",
+        "simulated_devices": devices_file,
+        "kubelet_socket": directory / "kubelet.sock",
+        "metrics_address": "",
+        **overrides,
+    }
+    path = explicit.get("config_file")
+    file = cfg.parse_file(path.read_text(), path) if isinstance(path, Path) else None
+    config = cfg.build(explicit, file)
     stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
     async with contextlib.AsyncExitStack() as stack:
         fk = None
         if kubelet:
             fk = await stack.enter_async_context(FakeKubelet(directory, **(kubelet_options or {})))
         task = asyncio.create_task(
-            app.main(config, stop=stop, ready=ready, state=state, handle_signals=False),
+            app.main(config, stop=stop, ready=ready, state=state, hup=hup, handle_signals=False),
             name="plugin-under-test",
         )
         try:

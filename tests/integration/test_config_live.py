@@ -1,0 +1,146 @@
+"""Several resources in one loop, the config file applied live, SIGHUP, against the stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from aiodp.fakekubelet import Registration
+from tests.harness import Running, next_update, running
+
+pytestmark = pytest.mark.integration
+
+NODE = """
+gpus:
+  - {uuid: GPU-a, numa_node: 0}
+  - {uuid: GPU-b, numa_node: 0}
+  - uuid: GPU-m
+    numa_node: 1
+    mig_devices:
+      - {uuid: MIG-m-0, profile: 1g.10gb, gi: 7, ci: 0}
+      - {uuid: MIG-m-1, profile: 1g.10gb, gi: 8, ci: 0}
+nvlinks: [[0, 1, 4]]
+"""
+MIXED = "version: v1\nflags: {migStrategy: mixed}\n"
+SHARED = MIXED + (
+    "sharing:\n  timeSlicing:\n    renameByDefault: true\n    resources:\n"
+    "      - {name: nvidia.com/gpu, replicas: 4, devices: ['0']}\n"
+)
+
+
+class ConfigMapDir:
+    """A directory laid out like a mounted ConfigMap: config.yaml -> ..data/config.yaml."""
+
+    def __init__(self, root: Path, text: str) -> None:
+        self.root = root
+        self.n = 0
+        root.mkdir()
+        self._write(text)
+        os.symlink(f"..{self.n}", root / "..data")
+        os.symlink("..data/config.yaml", root / "config.yaml")
+
+    def _write(self, text: str) -> None:
+        self.n += 1
+        (self.root / f"..{self.n}").mkdir()
+        (self.root / f"..{self.n}" / "config.yaml").write_text(text)
+
+    def swap(self, text: str) -> None:
+        """The kubelet's atomic update: a new dated dir, then rename ..data_tmp over ..data."""
+        self._write(text)
+        os.symlink(f"..{self.n}", self.root / "..data_tmp")
+        os.replace(self.root / "..data_tmp", self.root / "..data")
+
+    @property
+    def path(self) -> Path:
+        return self.root / "config.yaml"
+
+
+async def listed(rp: Running, resource: str, ids: list[str]) -> None:
+    """Wait until the kubelet's newest list for `resource` has exactly these IDs."""
+
+    def now() -> list[str]:
+        try:
+            return [d.id for d in rp.k.devices(resource)]
+        except KeyError:
+            return []
+
+    while now() != ids:
+        await next_update(rp.k, lambda u: u.resource == resource)
+
+
+async def registrations(rp: Running, n: int) -> dict[str, Registration]:
+    out = {}
+    for _ in range(n):
+        r = await rp.k.registrations.get()
+        out[r.resource] = r
+    return out
+
+
+async def test_config_live_two_resources_then_a_kubelet_restart(short_dir: Path) -> None:
+    cm = ConfigMapDir(short_dir / "cm", MIXED)
+    async with running(short_dir, node=NODE, config_file=cm.path) as rp:
+        regs = await registrations(rp, 2)
+        assert set(regs) == {"nvidia.com/gpu", "nvidia.com/mig-1g.10gb"}
+        assert regs["nvidia.com/mig-1g.10gb"].endpoint == "aiodp-nvidia-mig-1g-10gb.sock"
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        await listed(rp, "nvidia.com/mig-1g.10gb", ["MIG-m-0", "MIG-m-1"])
+        await listed(rp, "nvidia.com/gpu", ["GPU-a", "GPU-b"])
+        await rp.k.restart()
+        again = await registrations(rp, 2)
+        assert set(again) == set(regs)  # each resource re-registered once
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        assert rp.k.registrations.empty()
+        assert rp.state.registrations == 4
+
+
+async def test_config_live_swap_adds_replicas_and_leaves_other_streams(short_dir: Path) -> None:
+    cm = ConfigMapDir(short_dir / "cm", MIXED)
+    async with running(short_dir, node=NODE, config_file=cm.path) as rp:
+        await registrations(rp, 2)
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        mig_endpoint = rp.k.endpoint("nvidia.com/mig-1g.10gb")
+        cm.swap(SHARED)
+        reg = await rp.k.registrations.get()
+        assert reg.resource == "nvidia.com/gpu.shared"
+        await listed(rp, "nvidia.com/gpu.shared", [f"GPU-a::{n}" for n in range(4)])
+        await listed(rp, "nvidia.com/gpu", ["GPU-b"])  # GPU 1 stays whole
+        # the MIG resource kept its server, registration and stream
+        assert rp.k.endpoint("nvidia.com/mig-1g.10gb") is mig_endpoint
+        assert mig_endpoint.connected
+        assert rp.k.registrations.empty()
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        resp = await rp.k.allocate("nvidia.com/gpu.shared", ["GPU-a::1", "GPU-a::3"])
+        assert resp.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-a"
+
+
+async def test_config_live_invalid_swap_changes_nothing(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cm = ConfigMapDir(short_dir / "cm", MIXED)
+    async with running(short_dir, node=NODE, config_file=cm.path) as rp:
+        await registrations(rp, 2)
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        version = rp.state.live.version if rp.state.live else -1
+        cm.swap("version: v1\nsharing: {timeSlicing: {resources: [{name: gpu, replicas: 1}]}}\n")
+        await rp.state.wait_for(lambda: "rejected" in rp.state.reloads)
+        assert "replicas: must be >= 2, got 1" in caplog.text
+        assert rp.state.live is not None
+        assert rp.state.live.version == version
+        assert rp.k.registrations.empty()
+        assert rp.state.readiness() is None
+        cm.swap(SHARED)  # a valid one afterwards still applies
+        assert (await rp.k.registrations.get()).resource == "nvidia.com/gpu.shared"
+
+
+async def test_config_live_sighup_rediscovers(short_dir: Path) -> None:
+    hup = asyncio.Event()
+    async with running(short_dir, node=NODE, hup=hup) as rp:
+        await rp.k.registrations.get()
+        await next_update(rp.k, lambda u: len(u.devices) == 3)
+        rp.devices_file.write_text(NODE.replace("nvlinks", "  - {uuid: GPU-new}\nnvlinks"))
+        hup.set()  # the file watch may see the edit too: either way, one new list
+        update = await next_update(rp.k, lambda u: len(u.devices) == 4)
+        assert update.devices[-1].id == "GPU-new"
