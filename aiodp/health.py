@@ -136,30 +136,28 @@ class HealthTracker:
 
 
 def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
-    """One line per device that changed: WARNING when it fails, INFO when it recovers."""
+    """One line per GPU or MIG device that changed (its replicas together): WARNING when it
+    fails, INFO when it recovers. The metrics count every advertised device."""
+    groups: dict[tuple[str, str, Health, str, str], list[Device]] = {}
     for old, new in changes:
-        extra = {"resource": new.resource, "device": new.id, "reason": new.reason or old.reason}
         metrics.observe_transition(
             new.resource, new.health is Health.HEALTHY, new.reason or old.reason
         )
-        if new.health is Health.UNHEALTHY:
+        key = (new.uuid, new.resource, new.health, old.health.value, new.reason or old.reason)
+        groups.setdefault(key, []).append(new)
+    for (uuid, resource, health, old_health, reason), devices in groups.items():
+        what = devices[0].id if len(devices) == 1 else f"{uuid} ({len(devices)} replicas)"
+        extra = {"resource": resource, "device": uuid, "reason": reason}
+        if health is Health.UNHEALTHY:
             log.warning(
-                "device %s health %s -> %s (%s)",
-                new.id,
-                old.health.value,
-                new.health.value,
-                new.reason,
+                "device %s health %s -> %s (%s)", what, old_health, health.value, reason,
                 extra=extra,
-            )
+            )  # fmt: skip
         else:
             log.info(
-                "device %s health %s -> %s (was: %s)",
-                new.id,
-                old.health.value,
-                new.health.value,
-                old.reason,
+                "device %s health %s -> %s (was: %s)", what, old_health, health.value, reason,
                 extra=extra,
-            )
+            )  # fmt: skip
 
 
 async def probe_once(backend: DeviceBackend, tracker: HealthTracker) -> None:

@@ -183,7 +183,121 @@ def bench_allocate(
     return {kind: stats(s) for kind, s in samples.items()}, rss, scraper.scrapes
 
 
+def bench_replicas(calls: int = 2000) -> dict[str, float]:
+    """8 GPUs x 128 replicas: snapshot size and time, health flips, Allocate, RSS."""
+    import asyncio
+
+    import grpc
+
+    from aiodp import server as srv
+    from aiodp.devices import Device, DeviceId
+    from aiodp.fakekubelet import FakeKubelet
+    from bench.server import REPLICAS_128
+
+    api_pb2, api_pb2_grpc = grpcio_stubs()
+    devices = [
+        Device(DeviceId(f"GPU-{g:08x}::{n}"), "nvidia.com/gpu", f"GPU-{g}", f"GPU-{g}", str(g),
+               numa_node=g // 4, replica=n)
+        for g in range(8) for n in range(128)
+    ]  # fmt: skip
+    generated, cold, warm = [], [], []
+    for _ in range(20):
+        t = time.perf_counter()
+        size = len(bytes(srv.to_api(devices)))
+        generated.append(time.perf_counter() - t)
+        srv._device_field.cache_clear()
+        t = time.perf_counter()
+        bytes(srv.snapshot(devices))
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bytes(srv.snapshot(devices))
+        warm.append(time.perf_counter() - t)
+
+    async def flips() -> list[float]:
+        from aiodp import app
+        from aiodp import config as cfg
+        from aiodp.demo import h100_node
+
+        directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+        node = directory / "devices.yaml"
+        node.write_text(h100_node())
+        (directory / "config.yaml").write_text(REPLICAS_128)
+        config = cfg.build(
+            {
+                "backend": "simulated",
+                "simulated_devices": node,
+                "kubelet_socket": directory / "kubelet.sock",
+                "metrics_address": "",
+                "config_file": directory / "config.yaml",
+            },
+            cfg.parse_file(REPLICAS_128, "config.yaml"),
+        )
+        stop = asyncio.Event()
+        out = []
+        async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
+            task = tg.create_task(app.main(config, stop=stop, handle_signals=False))
+            await kubelet.registrations.get()
+            while len((await kubelet.updates.get()).devices) != 1024:
+                pass
+            for i in range(20):
+                unhealthy = {i % 8: "bench"} if i % 2 == 0 else {}
+                t = time.perf_counter()
+                tmp = directory / "devices.tmp"
+                tmp.write_text(h100_node(unhealthy))
+                os.replace(tmp, node)
+                want = 128 if unhealthy else 0
+                while True:
+                    u = await kubelet.updates.get()
+                    if sum(d.health != "Healthy" for d in u.devices) == want:
+                        break
+                out.append(time.perf_counter() - t)
+            stop.set()
+            await task
+        return out
+
+    flip = asyncio.run(flips())
+    directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+    proc, path, _ = start("plugin-1024", directory)
+    try:
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            call = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
+            request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
+                container_requests=[
+                    api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
+                        devices_ids=["GPU-00000003-aiod-4d3e-8f00-00005eed0003::17"]
+                    )
+                ]
+            )
+            for _ in range(300):
+                call(request, timeout=5)
+            samples = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                call(request, timeout=5)
+                samples.append(time.perf_counter() - t)
+        rss = rss_mib(proc.pid)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=15)
+    med, p99 = stats(samples)
+    return {
+        "size": size,
+        "generated": statistics.median(generated) * 1e3,
+        "cold": statistics.median(cold) * 1e3,
+        "warm": statistics.median(warm) * 1e3,
+        "flip": statistics.median(flip) * 1e3,
+        "flip_max": max(flip) * 1e3,
+        "alloc": med,
+        "alloc_p99": p99,
+        "rss": rss,
+    }
+
+
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
     print(
         f"aiodp bench on {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}"
@@ -207,6 +321,17 @@ def main() -> None:
         med, p99 = res[kind]
         print(f"  {label:<36} {med:>10.3f} {p99:>8.3f} {med / floor_med:>8.2f}")
     print(f"  ({scrapes} scrapes of /metrics during the last row; plugin RSS {rss:.1f} MiB)")
+    r = bench_replicas()
+    print("\n8 GPUs x 128 time-slicing replicas (1,024 devices)")
+    print(
+        f"  full ListAndWatch snapshot: {r['size'] / 1024:.0f} KiB, encoded in {r['encode']:.2f} ms"
+    )
+    print(
+        f"  health flip of one GPU (128 devices) to the kubelet: median {r['flip']:.1f} ms, "
+        f"max {r['flip_max']:.1f} ms (file edit -> inotify -> probe -> full snapshot)"
+    )
+    print(f"  Allocate of one replica: median {r['alloc']:.3f} ms, p99 {r['alloc_p99']:.3f} ms")
+    print(f"  plugin RSS: {r['rss']:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import grpclib.server
 import uvloop
 
 from aiodp import app
+from aiodp import config as cfg
 from aiodp.api import v1beta1 as api
-from aiodp.config import Config
 from aiodp.demo import h100_node
 from aiodp.fakekubelet import FakeKubelet
 
@@ -48,15 +48,27 @@ async def serve_floor(directory: Path) -> None:
     server.close()
 
 
-async def serve_plugin(directory: Path) -> None:
+REPLICAS_128 = (
+    "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+    "      - {name: nvidia.com/gpu, replicas: 128}\n"
+)
+
+
+async def serve_plugin(directory: Path, replicas: bool = False) -> None:
     devices = directory / "devices.yaml"
     devices.write_text(h100_node())
-    config = Config(
-        backend="simulated",
-        simulated_devices=devices,
-        kubelet_socket=directory / "kubelet.sock",
-        metrics_address="127.0.0.1:0",
-    )
+    explicit: dict[str, object] = {
+        "backend": "simulated",
+        "simulated_devices": devices,
+        "kubelet_socket": directory / "kubelet.sock",
+        "metrics_address": "127.0.0.1:0",
+    }
+    file = None
+    if replicas:
+        (directory / "config.yaml").write_text(REPLICAS_128)
+        explicit["config_file"] = directory / "config.yaml"
+        file = cfg.parse_file(REPLICAS_128, "config.yaml")
+    config = cfg.build(explicit, file)
     stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
     async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
         task = tg.create_task(
@@ -73,7 +85,10 @@ async def serve_plugin(directory: Path) -> None:
 
 def main() -> None:
     kind, directory = sys.argv[1], Path(sys.argv[2])
-    uvloop.run(serve_plugin(directory) if kind == "plugin" else serve_floor(directory))
+    if kind == "floor":
+        uvloop.run(serve_floor(directory))
+    else:
+        uvloop.run(serve_plugin(directory, replicas=kind == "plugin-1024"))
 
 
 if __name__ == "__main__":

@@ -116,3 +116,17 @@ async def test_server_pre_start_is_a_no_op() -> None:
             api.PreStartContainerRequest(devices_ids=["GPU-0"])
         )
     assert resp == api.PreStartContainerResponse()
+
+
+def test_server_snapshot_bytes_equal_the_generated_encoding() -> None:
+    devs = [
+        Device(DeviceId(f"GPU-{i}::{n}"), RES, f"GPU-{i}", f"GPU-{i}", str(i), (), numa, replica=n)
+        for i, numa in ((0, 0), (1, None), (2, 1))
+        for n in range(3)
+    ]
+    devs[4] = dataclasses.replace(devs[4], health=Health.UNHEALTHY, reason="x")
+    fast = server.snapshot(devs)
+    assert bytes(fast) == bytes(server.to_api(devs))
+    assert fast.SerializeToString() == bytes(server.to_api(devs))
+    assert api.ListAndWatchResponse.parse(bytes(fast)) == server.to_api(devs)
+    assert bytes(server.snapshot([])) == b""
