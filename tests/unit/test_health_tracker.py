@@ -159,7 +159,7 @@ def test_tracker_unknown_device_event_is_logged(caplog: pytest.LogCaptureFixture
 
 
 def test_tracker_logs_replicas_of_a_gpu_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
-    reg, t, _ = tracker(300)
+    _, t, _ = tracker(300)
     t.on_event(HealthEvent("GPU-2", "XID 79"))
     lines = [r.getMessage() for r in caplog.records if r.name == "aiodp.health"]
     assert lines == ["device GPU-2 (2 replicas) health Healthy -> Unhealthy (XID 79)"]
