@@ -151,6 +151,7 @@ def test_chart_config_map_is_mounted_as_a_directory() -> None:
     assert set(cm["data"]) == {"default", "ts"}
     assert env(objects)["CONFIG_FILE"] == "/config/ts"
     assert env(objects)["MIG_STRATEGY"] == "mixed"
+    assert env(objects)["NVIDIA_MIG_MONITOR_DEVICES"] == "all"
     mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/config"
     assert "subPath" not in mount  # subPath mounts never see ConfigMap edits
