@@ -151,3 +151,33 @@ async def test_process_nvml_without_driver_waits_when_told(short_dir: Path) -> N
     proc.send_signal(signal.SIGTERM)
     code, _, _ = await finish(proc)
     assert code == 0
+
+
+async def test_process_bad_config_file_exits_2_naming_the_key(short_dir: Path) -> None:
+    config = short_dir / "config.yaml"
+    config.write_text(
+        "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+        "      - {name: nvidia.com/gpu, replicas: 1}\n"
+    )
+    code, _, err = await finish(await aiodp("serve", f"--config-file={config}"))
+    assert code == 2
+    assert "sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1" in err
+
+
+async def test_process_mig_single_refusal_exits_2(short_dir: Path) -> None:
+    devices = short_dir / "devices.yaml"
+    devices.write_text(
+        "gpus:\n  - {uuid: GPU-a}\n  - uuid: GPU-b\n    mig_devices:\n"
+        "      - {uuid: MIG-b, profile: 1g.10gb, gi: 1, ci: 0}\n"
+    )
+    code, _, err = await finish(
+        await aiodp(
+            "serve",
+            "--backend=simulated",
+            f"--simulated-devices={devices}",
+            f"--kubelet-socket={short_dir / 'kubelet.sock'}",
+            "--mig-strategy=single",
+        )
+    )
+    assert code == 2
+    assert "migStrategy single: the node mixes MIG-enabled and non-MIG GPUs" in err

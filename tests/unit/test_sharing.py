@@ -216,6 +216,10 @@ def test_sharing_mig_device_specs() -> None:
         "/dev/nvidia-caps/nvidia-cap17",
     ]
     assert r.envs["NVIDIA_VISIBLE_DEVICES"] == "MIG-1-2"
+    cdi = allocate.build_response(
+        ["MIG-1-2"], inventory(plan), res, Config(device_list_strategy=("cdi-cri",))
+    )
+    assert [c.name for c in cdi.cdi_devices] == ["nvidia.com/gpu=MIG-1-2"]
     idx = allocate.build_response(
         ["MIG-1-2"], inventory(plan), res, Config(device_id_strategy="index")
     )
