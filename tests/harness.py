@@ -12,6 +12,7 @@ from typing import Any
 
 from aiodp import app
 from aiodp import config as cfg
+from aiodp.backend import DeviceBackend
 from aiodp.config import Config
 from aiodp.demo import h100_node
 from aiodp.fakekubelet import FakeKubelet, Update
@@ -58,6 +59,7 @@ async def running(
     node: str | None = None,
     expect_code: int = 0,
     hup: asyncio.Event | None = None,
+    make_backend: Callable[[Config], DeviceBackend] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
     """Start the kubelet stand-in (unless `kubelet=False`) and the plugin; stop both after."""
@@ -79,7 +81,15 @@ async def running(
         if kubelet:
             fk = await stack.enter_async_context(FakeKubelet(directory, **(kubelet_options or {})))
         task = asyncio.create_task(
-            app.main(config, stop=stop, ready=ready, state=state, hup=hup, handle_signals=False),
+            app.main(
+                config,
+                backend=make_backend(config) if make_backend else None,
+                stop=stop,
+                ready=ready,
+                state=state,
+                hup=hup,
+                handle_signals=False,
+            ),
             name="plugin-under-test",
         )
         try:

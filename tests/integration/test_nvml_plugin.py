@@ -3,47 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from aiodp import app
 from aiodp.config import Config
-from aiodp.fakekubelet import FakeKubelet
 from aiodp.nvml import NvmlBackend
 from tests import fakenvml
-from tests.fakenvml import dgx
-from tests.harness import next_update
+from tests.fakenvml import FakeMachine, dgx
+from tests.harness import next_update, running
 
 pytestmark = pytest.mark.integration
 
 
-def config(directory: Path, **overrides: object) -> Config:
-    return dataclasses.replace(
-        Config(),
-        backend="nvml",
-        kubelet_socket=directory / "kubelet.sock",
-        health_interval=0.05,
-        health_recovery_period=0.2,
-        metrics_address="",
-        **overrides,  # type: ignore[arg-type]
-    )
+def nvml(machine: FakeMachine) -> Callable[[Config], NvmlBackend]:
+    return lambda config: NvmlBackend(config, nvml=machine.module())
+
+
+FAST = {"backend": "nvml", "health_interval": 0.05, "health_recovery_period": 0.2}
 
 
 async def test_nvml_plugin_xid_reaches_the_kubelet_and_recovers(short_dir: Path) -> None:
     machine = dgx(4)
-    cfg = config(short_dir)
-    stop = asyncio.Event()
-    async with FakeKubelet(short_dir) as kubelet, asyncio.TaskGroup() as tg:
-        task = tg.create_task(
-            app.main(
-                cfg,
-                backend=NvmlBackend(cfg, nvml=machine.module()),
-                stop=stop,
-                handle_signals=False,
-            )
-        )
+    async with running(short_dir, make_backend=nvml(machine), **FAST) as rp:
+        kubelet = rp.k
         first = await next_update(kubelet, lambda u: bool(u.devices))
         assert [d.id for d in first.devices] == [g.uuid for g in machine.gpus]
         machine.inject_xid(2, 79)
@@ -56,31 +40,23 @@ async def test_nvml_plugin_xid_reaches_the_kubelet_and_recovers(short_dir: Path)
         await next_update(kubelet, lambda u: all(d.health == "Unhealthy" for d in u.devices))
         machine.broken = None
         await next_update(kubelet, lambda u: all(d.health == "Healthy" for d in u.devices))
-        stop.set()
-        assert await task == 0
 
 
 async def test_nvml_plugin_waits_for_nvml_when_told(short_dir: Path) -> None:
     machine = dgx(2)
     machine.init_error = fakenvml.NVML_ERROR_DRIVER_NOT_LOADED
-    cfg = config(short_dir, fail_on_init_error=False, register_backoff=(0.01,))
-    stop = asyncio.Event()
-    async with FakeKubelet(short_dir) as kubelet, asyncio.TaskGroup() as tg:
-        task = tg.create_task(
-            app.main(
-                cfg,
-                backend=NvmlBackend(cfg, nvml=machine.module()),
-                stop=stop,
-                handle_signals=False,
-            )
-        )
+    async with running(
+        short_dir,
+        make_backend=nvml(machine),
+        fail_on_init_error=False,
+        register_backoff=(0.01,),
+        **FAST,
+    ) as rp:
         assert await asyncio.to_thread(machine.wait_calls, "nvmlInit", 3)
-        assert kubelet.register_calls == 0
+        assert rp.k.register_calls == 0
         machine.init_error = None
-        reg = await kubelet.registrations.get()
+        reg = await rp.k.registrations.get()
         assert reg.resource == "nvidia.com/gpu"
-        stop.set()
-        assert await task == 0
 
 
 async def test_nvml_plugin_init_failure_exits_non_zero(
@@ -88,11 +64,8 @@ async def test_nvml_plugin_init_failure_exits_non_zero(
 ) -> None:
     machine = dgx(2)
     machine.init_error = fakenvml.NVML_ERROR_LIBRARY_NOT_FOUND
-    cfg = config(short_dir)
-    code = await app.main(
-        cfg, backend=NvmlBackend(cfg, nvml=machine.module()), handle_signals=False
-    )
-    assert code == 1
+    async with running(short_dir, make_backend=nvml(machine), expect_code=1, **FAST) as rp:
+        await rp.task  # it ends by itself
     assert (
         "cannot start the device backend: NVML initialisation failed: "
         "NVML Shared Library Not Found" in caplog.text

@@ -28,6 +28,20 @@ async def aiodp(*args: str, env: dict[str, str] | None = None) -> asyncio.subpro
     )
 
 
+async def serve_simulated(
+    directory: Path, kubelet: FakeKubelet, *extra: str
+) -> asyncio.subprocess.Process:
+    devices = directory / "devices.yaml"
+    devices.write_text(h100_node())
+    return await aiodp(
+        "serve",
+        "--backend=simulated",
+        f"--simulated-devices={devices}",
+        f"--kubelet-socket={kubelet.socket}",
+        *extra,
+    )
+
+
 async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -38,15 +52,8 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
 async def test_process_signal_removes_socket_and_exits_zero(
     short_dir: Path, sig: signal.Signals
 ) -> None:
-    devices = short_dir / "devices.yaml"
-    devices.write_text(h100_node())
     async with FakeKubelet(short_dir) as kubelet:
-        proc = await aiodp(
-            "serve",
-            "--backend=simulated",
-            f"--simulated-devices={devices}",
-            f"--kubelet-socket={kubelet.socket}",
-        )
+        proc = await serve_simulated(short_dir, kubelet)
         reg = await kubelet.registrations.get()
         await next_update(kubelet, lambda u: bool(u.devices))
         assert (short_dir / reg.endpoint).is_socket()
@@ -105,16 +112,8 @@ async def test_process_demo_runs_and_exits_zero() -> None:
 async def test_process_json_logs_one_object_per_line(short_dir: Path) -> None:
     import json
 
-    devices = short_dir / "devices.yaml"
-    devices.write_text(h100_node())
     async with FakeKubelet(short_dir) as kubelet:
-        proc = await aiodp(
-            "serve",
-            "--backend=simulated",
-            f"--simulated-devices={devices}",
-            f"--kubelet-socket={kubelet.socket}",
-            "--log-format=json",
-        )
+        proc = await serve_simulated(short_dir, kubelet, "--log-format=json")
         await kubelet.registrations.get()
         proc.send_signal(signal.SIGTERM)
         code, _, err = await finish(proc)
