@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -187,8 +187,3 @@ def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
             sharing.fail_requests_greater_than_one,
         )
     return Plan(tuple(sorted(resources.values(), key=lambda r: r.name)), tuple(devices))
-
-
-def advertised(infos: Iterable[DeviceInfo], resource: str = RESOURCE_GPU) -> list[Device]:
-    """One device per whole GPU under `resource` (no MIG, no sharing)."""
-    return [_gpu_device(g, resource) for g in infos]
