@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import signal
-import stat
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,14 +147,6 @@ def liveness(state: State, config: Config, loop: asyncio.AbstractEventLoop) -> s
     return None
 
 
-def _inode(path: Path) -> int | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
-
-
 async def _first(waits: dict[str, Coroutine[Any, Any, object]]) -> str:
     """Run the waits side by side; return the name of the first to finish, cancel the rest.
 
@@ -200,11 +191,14 @@ class _KubeletMark:
 
     @classmethod
     def now(cls, dw: watch.DirWatch, path: Path) -> _KubeletMark:
-        return cls(dw, path, dw.seen([path.name]), _inode(path))
+        return cls(dw, path, dw.seen([path.name]), server.socket_inode(path))
 
     def changed(self) -> bool:
         """kubelet.sock was deleted or created since, or is another file now."""
-        return self.dw.seen([self.path.name]) != self.events or _inode(self.path) != self.inode
+        return (
+            self.dw.seen([self.path.name]) != self.events
+            or server.socket_inode(self.path) != self.inode
+        )
 
 
 async def run_plugins(
@@ -269,12 +263,14 @@ async def run_resource(
     while not retire.is_set():
         now = live()
         kubelet = now.config.kubelet_socket
-        if _inode(kubelet) is None:
+        if server.socket_inode(kubelet) is None:
             state.phase = f"waiting for the kubelet socket {kubelet}"
             log.info("waiting for the kubelet socket %s", kubelet)
             await _first(
                 {
-                    "kubelet": dw.wait(lambda k=kubelet: _inode(k) is not None),  # type: ignore[misc]
+                    "kubelet": dw.wait(
+                        lambda k=kubelet: server.socket_inode(k) is not None  # type: ignore[misc]
+                    ),
                     "retire": retire.wait(),
                 }
             )

@@ -301,10 +301,11 @@ class PluginServer:
 
     def socket_intact(self) -> bool:
         """Whether our socket file is still the one we bound (not deleted or replaced)."""
-        return _inode(self.path) == self.inode
+        return socket_inode(self.path) == self.inode
 
 
-def _inode(path: Path) -> int | None:
+def socket_inode(path: Path) -> int | None:
+    """The inode of the unix socket at `path`, or None when there is no socket there."""
     try:
         st = os.stat(path)
     except OSError:
@@ -337,7 +338,7 @@ async def serve(
     _remove_stale(path)
     server = _Server([service])
     await server.start(path=str(path))
-    inode = _inode(path)
+    inode = socket_inode(path)
     if inode is None:  # pragma: no cover - the kernel just created it
         server.close()
         raise OSError(f"socket {path} vanished right after binding")

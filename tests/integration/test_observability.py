@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from grpclib import GRPCError
-from prometheus_client.parser import text_string_to_metric_families
 
+from aiodp import metrics
 from aiodp.config import RESOURCE_GPU
 from aiodp.demo import http_get
 from aiodp.fakekubelet import FakeKubelet
@@ -31,14 +31,9 @@ async def raw(address: str, data: bytes) -> bytes:
 
 
 async def scrape(rp: Running) -> dict[str, float]:
+    """/metrics, parsed by prometheus_client's own parser (metrics.samples)."""
     assert rp.state.endpoint is not None
-    text = await http_get(rp.state.endpoint.address, "/metrics")
-    out = {}
-    for family in text_string_to_metric_families(text):  # prometheus_client's own parser
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return metrics.samples(await http_get(rp.state.endpoint.address, "/metrics"))
 
 
 async def status(rp: Running, path: str) -> tuple[int, str]:
