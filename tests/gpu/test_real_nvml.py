@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 from pathlib import Path
 
 import pynvml
@@ -42,9 +42,19 @@ async def test_gpu_discovery_and_probe() -> None:
         assert "/dev/nvidiactl" in backend.control_paths()
 
 
-async def test_gpu_event_set_registers() -> None:
-    config = dataclasses.replace(Config(backend="nvml"))
-    async with NvmlBackend(config) as backend:
+async def test_gpu_xid_events_register_and_stay_quiet() -> None:
+    """The event thread registers every GPU and waits; a failed registration or wait would
+    come out as an event, so a quiet 2.5 s (over two 1 s waits) means it works."""
+    async with NvmlBackend(Config(backend="nvml")) as backend:
         await backend.discover()
         events = backend.health_events()
-        await events.aclose()  # start and stop the event thread cleanly
+        try:
+            quiet = False
+            try:
+                async with asyncio.timeout(2.5):
+                    event = await anext(events)
+            except TimeoutError:
+                quiet = True
+            assert quiet, f"unexpected health event on a healthy GPU: {event}"
+        finally:
+            await events.aclose()  # stops the event thread
