@@ -180,3 +180,34 @@ async def test_process_mig_single_refusal_exits_2(short_dir: Path) -> None:
     )
     assert code == 2
     assert "migStrategy single: the node mixes MIG-enabled and non-MIG GPUs" in err
+
+
+def _wait_stopped(pid: int) -> bool:
+    """Block (in a thread) until the process is in the stopped state 'T' (or 5 s pass)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return True
+        time.sleep(0.001)
+    return False
+
+
+async def test_process_second_signal_exits_at_once(short_dir: Path) -> None:
+    async with FakeKubelet(short_dir) as kubelet:
+        proc = await serve_simulated(short_dir, kubelet)
+        reg = await kubelet.registrations.get()
+        # Stopped, the process gets both signals at once when it resumes: the first asks
+        # for a graceful stop, the second arrives before that can finish.
+        proc.send_signal(signal.SIGSTOP)
+        assert await asyncio.to_thread(_wait_stopped, proc.pid)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        code, _, err = await finish(proc)
+    # which of the two the loop sees second varies; a graceful stop would exit 0
+    assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+    assert f"second {signal.Signals(code - 128).name}: exiting at once" in err
+    assert (short_dir / reg.endpoint).exists()  # no cleanup: that is what "at once" costs
