@@ -25,7 +25,7 @@ install: $(STAMP) ## create .venv and install aiodp with all extras (editable)
 run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kubelet stand-in
 	$(BIN)/python -m aiodp demo
 
-test: lint proto-check ## everything CI runs: lint, proto-check, unit + property + integration tests
+test: lint proto-check ## everything CI runs: lint, proto-check, unit, property, integration and chart tests
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP) ## unit and property tests only
@@ -52,7 +52,7 @@ proto-check: $(STAMP) ## fail when aiodp/api/ differs from what protos/ generate
 	diff -r -x __pycache__ $$tmp aiodp/api && echo "proto-check: aiodp/api is up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-bench: $(STAMP) ## latency table: GetPreferredAllocation and Allocate over a real socket
+bench: $(STAMP) ## tables: preferred allocation, Allocate vs the transport floor, /metrics cost, 1,024 replicas
 	$(BIN)/python -m bench
 
 wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into wheelhouse/
