@@ -26,7 +26,7 @@ run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kube
 	$(BIN)/python -m aiodp demo
 
 test: lint proto-check ## everything CI runs: lint, proto-check, unit, property, integration and chart tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov --cov-report=term
 
 unit: $(STAMP) ## unit and property tests only
 	$(BIN)/python -m pytest -q tests/unit tests/property
