@@ -159,6 +159,8 @@ def _search(
     (min). W = sum over chosen GPUs of their score to every available GPU; with the set
     score fixed, minimising W minimises the cut between the set and the GPUs left over.
     Candidates are visited in index order, so the first set reaching a key wins its ties.
+    Interchangeable candidates (twins: the same scores to everything else) are only taken
+    in index order, which cuts the symmetric search spaces of NVSwitch-like nodes.
     """
     n = len(cands)
     s = [[topo.score(a, b) if a != b else 0 for b in cands] for a in cands]
@@ -175,6 +177,7 @@ def _search(
             acc.append(acc[-1] + v)
         top.append(acc)
 
+    twin = _twin_classes(s, w, base)
     best_key = -1 << 62
     best: list[int] = []
     chosen: list[int] = []
@@ -189,7 +192,7 @@ def _search(
         ub_score = score + sum(opt[:left]) // 2
         return ub_score * big - (weight + sum(light[:left]))
 
-    def dfs(start: int, left: int, score: int, weight: int) -> None:
+    def dfs(start: int, left: int, score: int, weight: int, skipped: int) -> None:
         nonlocal best_key, best
         if left == 0:
             k = score * big - weight
@@ -199,16 +202,40 @@ def _search(
         if bound(start, left, score, weight) <= best_key:
             return
         for c in range(start, n - left + 1):
+            if skipped >> twin[c] & 1:
+                continue  # a lower-index twin was left out: this set has a better twin
             chosen.append(c)
             g = gain[c]
             for d in range(n):
                 gain[d] += s[c][d]
-            dfs(c + 1, left - 1, score + g, weight + w[c])
+            dfs(c + 1, left - 1, score + g, weight + w[c], skipped)
             for d in range(n):
                 gain[d] -= s[c][d]
             chosen.pop()
+            skipped |= 1 << twin[c]
             if bound(c + 1, left, score, weight) <= best_key:
                 return
 
-    dfs(0, need, fixed_score, 0)
+    dfs(0, need, fixed_score, 0, 0)
     return [cands[c] for c in best]
+
+
+def _twin_classes(s: list[list[int]], w: list[int], base: list[int]) -> list[int]:
+    """A class number per candidate; twins share one: they score the same to every other
+    GPU (fixed, candidate or merely available), so either can stand for the other."""
+    n = len(s)
+    reps: list[int] = []
+    out = []
+    for c in range(n):
+        for k, r in enumerate(reps):
+            if (
+                w[c] == w[r]
+                and base[c] == base[r]
+                and all(s[c][x] == s[r][x] for x in range(n) if x != c and x != r)
+            ):
+                out.append(k)
+                break
+        else:
+            out.append(len(reps))
+            reps.append(c)
+    return out

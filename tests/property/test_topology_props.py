@@ -15,7 +15,12 @@ def problems(draw: st.DrawFn, max_gpus: int) -> tuple[topology.Topology, list[st
     n = draw(st.integers(2, max_gpus))
     numa = draw(st.lists(st.one_of(st.none(), st.integers(0, 1)), min_size=n, max_size=n))
     pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
-    links = draw(st.dictionaries(st.sampled_from(pairs), st.integers(1, 12), max_size=len(pairs)))
+    if draw(st.booleans()):  # NVSwitch-like: every pair alike, many twins
+        links = dict.fromkeys(pairs, draw(st.integers(1, 18)))
+    else:
+        links = draw(
+            st.dictionaries(st.sampled_from(pairs), st.integers(1, 12), max_size=len(pairs))
+        )
     gpus = [f"GPU-{i:02d}" for i in range(n)]
     topo = topology.build(
         [(g, i, numa[i]) for i, g in enumerate(gpus)],
@@ -60,3 +65,22 @@ def test_topology_props_shape_on_large_nodes(
     assert len(set(answer)) == size
     assert set(must) <= set(answer) <= set(available)
     assert topology.preferred(sorted(available), must, size, topo) == answer
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(max_gpus=9))
+def test_topology_props_ties_follow_the_documented_order(
+    problem: tuple[topology.Topology, list[str], list[str], int],
+) -> None:
+    """The exact answer among equal scores: least connectivity to the rest, then indexes."""
+    topo, available, must, size = problem
+    rest = [g for g in available if g not in must]
+
+    def key(combo: tuple[str, ...]) -> tuple[int, int, tuple[int, ...]]:
+        chosen = [*must, *combo]
+        w = sum(topo.score(c, x) for c in chosen for x in available if x != c)
+        return (-topo.set_score(chosen), w, tuple(sorted(topo.order[g] for g in chosen)))
+
+    best = min(itertools.combinations(rest, size - len(must)), key=key)
+    answer = topology.preferred(available, must, size, topo)
+    assert key(tuple(g for g in answer if g not in must)) == key(best)
