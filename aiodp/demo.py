@@ -23,7 +23,7 @@ from grpclib import GRPCError
 
 from aiodp import app, metrics
 from aiodp.config import RESOURCE_GPU, Config
-from aiodp.fakekubelet import FakeKubelet, Update
+from aiodp.fakekubelet import FakeKubelet, Update, next_update
 
 GPUS = 8
 
@@ -53,17 +53,15 @@ def h100_node(unhealthy: dict[int, str] | None = None) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace a file by rename, as editors and ConfigMap updates do."""
+    tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 async def _next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
     async with asyncio.timeout(10):
-        while True:
-            update = await kubelet.updates.get()
-            if ok(update):
-                return update
+        return await next_update(kubelet, ok)
 
 
 async def http_get(address: str, path: str) -> str:

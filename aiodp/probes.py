@@ -59,24 +59,24 @@ REASONS: Final = {
 }
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+async def _line(reader: asyncio.StreamReader, too_long: _BadRequest) -> bytes:
+    """One CRLF-terminated line; `too_long` past the reader's limit, 400 if cut short."""
     try:
-        line = await reader.readuntil(b"\r\n")
+        return await reader.readuntil(b"\r\n")
     except asyncio.LimitOverrunError:
-        raise _BadRequest(414, "request line too long") from None
+        raise too_long from None
     except asyncio.IncompleteReadError:
         raise _BadRequest(400, "incomplete request") from None
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    line = await _line(reader, _BadRequest(414, "request line too long"))
     parts = line.decode("latin-1").strip().split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _BadRequest(400, "malformed request line")
     method, target, _ = parts
     for _ in range(MAX_HEADERS):
-        try:
-            header = await reader.readuntil(b"\r\n")
-        except asyncio.LimitOverrunError:
-            raise _BadRequest(431, "header too long") from None
-        except asyncio.IncompleteReadError:
-            raise _BadRequest(400, "incomplete headers") from None
+        header = await _line(reader, _BadRequest(431, "header too long"))
         if header == b"\r\n":
             break
     else:

@@ -313,15 +313,8 @@ def socket_inode(path: Path) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
-def _remove_stale(path: Path) -> None:
-    """A socket file left by an earlier run of ours: the name is ours, so it goes."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _unlink_if(path: Path, keep: Callable[[], bool]) -> None:
-    if keep():
-        return
+def _unlink(path: Path) -> None:
+    """Remove our socket file (the name is ours: a stale one from an earlier run goes too)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -335,7 +328,7 @@ async def serve(
     On exit the streams end normally first, then the server closes (bounded: grpclib's
     wait_closed can hang while a peer holds its connection), then our socket is removed.
     """
-    _remove_stale(path)
+    _unlink(path)
     server = _Server([service])
     await server.start(path=str(path))
     inode = socket_inode(path)
@@ -366,7 +359,8 @@ async def _close(
     finally:
         server.close()
         server.close_connections()
-        _unlink_if(handle.path, lambda: not handle.socket_intact())
+        if handle.socket_intact():  # never remove a socket someone else bound since
+            _unlink(handle.path)
         log.debug("closed %s on %s", service.resource, handle.path)
     # Best effort: let the transports' close callbacks run (3.12+ also waits for peers).
     with contextlib.suppress(TimeoutError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,24 +13,10 @@ from aiodp import app
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
-from aiodp.demo import h100_node
-from aiodp.fakekubelet import FakeKubelet, Update
+from aiodp.demo import h100_node, write_atomically
+from aiodp.fakekubelet import FakeKubelet, next_update
 
 __all__ = ["Running", "h100_node", "next_update", "running", "write_atomically"]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-async def next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
-    """The next ListAndWatch message the kubelet receives for which `ok` holds."""
-    while True:
-        update = await kubelet.updates.get()
-        if ok(update):
-            return update
 
 
 @dataclass

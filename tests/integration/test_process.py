@@ -29,15 +29,16 @@ async def aiodp(*args: str, env: dict[str, str] | None = None) -> asyncio.subpro
 
 
 async def serve_simulated(
-    directory: Path, kubelet: FakeKubelet, *extra: str
+    directory: Path, *extra: str, node: str | None = None
 ) -> asyncio.subprocess.Process:
+    """`aiodp serve` on a simulated node (the demo's 8 GPUs unless `node` is given)."""
     devices = directory / "devices.yaml"
-    devices.write_text(h100_node())
+    devices.write_text(h100_node() if node is None else node)
     return await aiodp(
         "serve",
         "--backend=simulated",
         f"--simulated-devices={devices}",
-        f"--kubelet-socket={kubelet.socket}",
+        f"--kubelet-socket={directory / 'kubelet.sock'}",
         *extra,
     )
 
@@ -53,7 +54,7 @@ async def test_process_signal_removes_socket_and_exits_zero(
     short_dir: Path, sig: signal.Signals
 ) -> None:
     async with FakeKubelet(short_dir) as kubelet:
-        proc = await serve_simulated(short_dir, kubelet)
+        proc = await serve_simulated(short_dir)
         reg = await kubelet.registrations.get()
         await next_update(kubelet, lambda u: bool(u.devices))
         assert (short_dir / reg.endpoint).is_socket()
@@ -87,16 +88,8 @@ async def test_process_bad_flag_exits_2_naming_it(
 
 
 async def test_process_bad_simulated_file_exits_2_naming_the_key(short_dir: Path) -> None:
-    devices = short_dir / "devices.yaml"
-    devices.write_text("gpus:\n  - uuid: GPU-a\n  - uuid: GPU-a\n")
-    code, _, err = await finish(
-        await aiodp(
-            "serve",
-            "--backend=simulated",
-            f"--simulated-devices={devices}",
-            f"--kubelet-socket={short_dir / 'kubelet.sock'}",
-        )
-    )
+    node = "gpus:\n  - uuid: GPU-a\n  - uuid: GPU-a\n"
+    code, _, err = await finish(await serve_simulated(short_dir, node=node))
     assert code == 2
     assert "gpus[1].uuid: duplicate uuid 'GPU-a'" in err
 
@@ -113,7 +106,7 @@ async def test_process_json_logs_one_object_per_line(short_dir: Path) -> None:
     import json
 
     async with FakeKubelet(short_dir) as kubelet:
-        proc = await serve_simulated(short_dir, kubelet, "--log-format=json")
+        proc = await serve_simulated(short_dir, "--log-format=json")
         await kubelet.registrations.get()
         proc.send_signal(signal.SIGTERM)
         code, _, err = await finish(proc)
@@ -164,19 +157,12 @@ async def test_process_bad_config_file_exits_2_naming_the_key(short_dir: Path) -
 
 
 async def test_process_mig_single_refusal_exits_2(short_dir: Path) -> None:
-    devices = short_dir / "devices.yaml"
-    devices.write_text(
+    node = (
         "gpus:\n  - {uuid: GPU-a}\n  - uuid: GPU-b\n    mig_devices:\n"
         "      - {uuid: MIG-b, profile: 1g.10gb, gi: 1, ci: 0}\n"
     )
     code, _, err = await finish(
-        await aiodp(
-            "serve",
-            "--backend=simulated",
-            f"--simulated-devices={devices}",
-            f"--kubelet-socket={short_dir / 'kubelet.sock'}",
-            "--mig-strategy=single",
-        )
+        await serve_simulated(short_dir, "--mig-strategy=single", node=node)
     )
     assert code == 2
     assert "migStrategy single: the node mixes MIG-enabled and non-MIG GPUs" in err
@@ -197,7 +183,7 @@ def _wait_stopped(pid: int) -> bool:
 
 async def test_process_second_signal_exits_at_once(short_dir: Path) -> None:
     async with FakeKubelet(short_dir) as kubelet:
-        proc = await serve_simulated(short_dir, kubelet)
+        proc = await serve_simulated(short_dir)
         reg = await kubelet.registrations.get()
         # Stopped, the process gets both signals at once when it resumes: the first asks
         # for a graceful stop, the second arrives before that can finish.
