@@ -81,18 +81,16 @@ def observed(method: str, resource: str) -> Iterator[None]:
         metrics.observe_request(method, resource, code, time.perf_counter() - start)
 
 
+def _api_device(device_id: str, health: str, numa_node: int | None) -> Device:
+    """One device as the kubelet sees it; an unknown NUMA node sends no TopologyInfo."""
+    topology = None if numa_node is None else TopologyInfo(nodes=[NumaNode(id=numa_node)])
+    return Device(id=device_id, health=health, topology=topology)
+
+
 def to_api(devices: Sequence[DomainDevice]) -> ListAndWatchResponse:
+    """The generated message for a device list (the reference `snapshot` is tested against)."""
     return ListAndWatchResponse(
-        devices=[
-            Device(
-                id=d.id,
-                health=d.health.value,
-                topology=None
-                if d.numa_node is None
-                else TopologyInfo(nodes=[NumaNode(id=d.numa_node)]),
-            )
-            for d in devices
-        ]
+        devices=[_api_device(d.id, d.health.value, d.numa_node) for d in devices]
     )
 
 
@@ -117,13 +115,7 @@ class _Snapshot(ListAndWatchResponse):
 @functools.lru_cache(maxsize=8192)
 def _device_field(device_id: str, health: str, numa_node: int | None) -> bytes:
     """Field 1 of ListAndWatchResponse for one device: tag, length, Device message."""
-    body = bytes(
-        Device(
-            id=device_id,
-            health=health,
-            topology=None if numa_node is None else TopologyInfo(nodes=[NumaNode(id=numa_node)]),
-        )
-    )
+    body = bytes(_api_device(device_id, health, numa_node))
     return b"\x0a" + _varint(len(body)) + body
 
 
