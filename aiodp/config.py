@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NoReturn, TypeVar, cast
+from typing import ClassVar, Final, Literal, NoReturn, TypeVar, cast
 
 from aiodp import configfile
 from aiodp.errors import ConfigError
@@ -170,6 +170,9 @@ class Config:
     @property
     def dev_root(self) -> Path:
         return self.nvidia_dev_root if self.nvidia_dev_root is not None else self.nvidia_driver_root
+
+    MAX_SOCKET_PATH: ClassVar[int] = 107
+    """Bytes in an AF_UNIX path (sun_path is 108 with the NUL)."""
 
     def socket_path(self, resource: str) -> Path:
         """Our socket for a resource: `nvidia.com/gpu` -> `aiodp-nvidia-gpu.sock`."""
@@ -461,7 +464,7 @@ def validate(config: Config) -> Config:
             "--backend: invalid value 'simulated': needs --simulated-devices "
             "(AIODP_SIMULATED_DEVICES)"
         )
-    if len(str(config.socket_path(RESOURCE_GPU))) > 107:
+    if len(str(config.socket_path(RESOURCE_GPU))) > config.MAX_SOCKET_PATH:
         raise ConfigError(
             f"--kubelet-socket: invalid value {str(config.kubelet_socket)!r}: "
             "the directory is too long for a unix socket path (107 bytes)"

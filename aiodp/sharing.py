@@ -186,4 +186,10 @@ def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
             max(entry.replicas, old.replicas if old else 1),
             sharing.fail_requests_greater_than_one,
         )
+    for name in resources:  # nvidia.com/gpu is checked with the flags; longer names here
+        if len(str(config.socket_path(name))) > config.MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"resource {name}: socket path {config.socket_path(name)} is longer than "
+                f"{config.MAX_SOCKET_PATH} bytes; use a shorter --kubelet-socket directory"
+            )
     return Plan(tuple(sorted(resources.values(), key=lambda r: r.name)), tuple(devices))

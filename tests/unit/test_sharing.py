@@ -266,3 +266,15 @@ def test_sharing_mig_preferred_by_parent_gpu() -> None:
     available = ["MIG-0-1", "MIG-1-0", "MIG-1-1"]  # MIG-0-0 in use
     assert grouped(plan, res, available, [], 1, "packed") == ["MIG-0-1"]  # fill GPU 0 first
     assert grouped(plan, res, available, [], 1, "distributed") == ["MIG-1-0"]  # spread
+
+
+def test_sharing_refuses_a_socket_path_too_long_for_a_resource() -> None:
+    from pathlib import Path
+
+    deep = Path("/" + "d" * 60) / "kubelet.sock"  # fine for aiodp-nvidia-gpu.sock
+    text = (
+        "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2, rename: " + "g" * 40 + "}]}}"
+    )
+    with pytest.raises(ConfigError, match="is longer than 107 bytes"):
+        sharing.plan([gpu(0)], conf(text, kubelet_socket=deep))
+    assert sharing.plan([gpu(0)], conf(kubelet_socket=deep)).resources
