@@ -75,10 +75,6 @@ class Inventory:
     def for_resource(self, resource: str) -> tuple[Device, ...]:
         return tuple(d for d in self.devices if d.resource == resource)
 
-    @property
-    def resources(self) -> tuple[str, ...]:
-        return tuple(sorted({d.resource for d in self.devices}))
-
 
 def _sort_key(d: Device) -> tuple[str, tuple[int, ...], str]:
     return (d.resource, tuple(int(p) for p in d.index.split(":") if p.isdigit()), d.id)
