@@ -40,7 +40,7 @@ lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
 	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory typecheck
 
-typecheck: $(STAMP) ## mypy strict on aiodp/
+typecheck: $(STAMP) ## mypy: strict on aiodp/, untyped defs allowed but checked in tests/, bench/, scripts/
 	$(BIN)/mypy
 
 proto: $(STAMP) ## regenerate aiodp/api/ from protos/ with betterproto2

@@ -8,13 +8,15 @@ Mirrors NVIDIA's plugin per device-list strategy: CDI names first (annotations a
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Sequence
 from typing import Final
 
+from aiodp import topology
 from aiodp.api.v1beta1 import CdiDevice, ContainerAllocateResponse, DeviceSpec, Mount
-from aiodp.config import Config
-from aiodp.devices import Device, Health, Inventory, Resource
+from aiodp.config import AllocationPolicy, Config
+from aiodp.devices import Device, Health, Inventory, Kind, Resource
 from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
 
 VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
@@ -23,18 +25,45 @@ VOLUME_MOUNT_DIR: Final = "/var/run/nvidia-container-devices"
 CDI_STRATEGIES: Final = frozenset({"cdi-annotations", "cdi-cri"})
 
 
-def resolve_ids(ids: Sequence[str], inventory: Inventory, resource: str) -> list[Device]:
-    """The requested devices, de-duplicated in order; unknown or Unhealthy ones raise."""
-    wanted = list(dict.fromkeys(ids))
-    found = {i: inventory.get(i) for i in wanted}
+def known(ids: Sequence[str], inventory: Inventory, resource: str) -> list[Device]:
+    """The named devices of `resource`, de-duplicated in order; unknown ones raise."""
+    found = {i: inventory.get(i) for i in dict.fromkeys(ids)}
     unknown = [i for i, d in found.items() if d is None or d.resource != resource]
     if unknown:
         raise UnknownDevice(unknown)
-    devices = [d for d in found.values() if d is not None]
+    return [d for d in found.values() if d is not None]
+
+
+def resolve_ids(ids: Sequence[str], inventory: Inventory, resource: str) -> list[Device]:
+    """The requested devices, de-duplicated in order; unknown or Unhealthy ones raise."""
+    devices = known(ids, inventory, resource)
     sick = [d for d in devices if d.health is not Health.HEALTHY]
     if sick:
         raise UnhealthyDevice([d.id for d in sick], [f"{d.id}: {d.reason}" for d in sick])
     return devices
+
+
+def preferred(
+    available: Sequence[str],
+    must_include: Sequence[str],
+    size: int,
+    inventory: Inventory,
+    resource: str,
+    topo: topology.Topology,
+    policy: AllocationPolicy,
+) -> list[str]:
+    """The IDs the kubelet should pick: whole GPUs by topology, replicas and MIG devices by
+    the shared-devices policy (spread over or packed onto GPUs); unknown IDs raise."""
+    known([*available, *must_include], inventory, resource)
+    avail = list(dict.fromkeys(available))
+    must = list(dict.fromkeys(must_include))
+    devices = inventory.for_resource(resource)
+    if all(d.kind is Kind.GPU for d in devices):
+        return topology.preferred(avail, must, size, topo)
+    group: dict[str, str] = {d.id: d.uuid if d.kind is Kind.REPLICA else d.gpu for d in devices}
+    totals = collections.Counter(group.values())
+    order: dict[str, int] = {d.id: i for i, d in enumerate(devices)}
+    return topology.preferred_grouped(avail, must, size, group, totals, order, policy)
 
 
 def visible_ids(devices: Sequence[Device], config: Config) -> list[str]:
@@ -62,7 +91,7 @@ def build_response(
     if (
         resource.fail_requests_greater_than_one
         and len(devices) > 1
-        and any(d.replica is not None for d in devices)
+        and any(d.kind is Kind.REPLICA for d in devices)
     ):
         raise InvalidRequest(
             f"request for {len(devices)} {resource.name} devices too large: "

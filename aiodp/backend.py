@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from pathlib import Path
+from typing import Final, Protocol, Self
 
 from aiodp.devices import Health
 from aiodp.errors import BackendError
 from aiodp.topology import Topology
 
-__all__ = ["BackendError", "DeviceBackend", "DeviceInfo", "HealthEvent", "MigInfo", "Probe"]
+__all__ = [
+    "CONTROL_PATHS",
+    "BackendError",
+    "DeviceBackend",
+    "DeviceInfo",
+    "HealthEvent",
+    "MigInfo",
+    "Probe",
+    "control_paths",
+]
+
+CONTROL_PATHS: Final = (
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+)
+"""The driver's shared control nodes a container may need, as NVIDIA's plugin lists them."""
+
+
+def control_paths(dev_root: Path) -> tuple[str, ...]:
+    """The control nodes that exist under `dev_root` (container paths); blocking: stats.
+
+    Like NVIDIA's plugin, only nodes that exist are handed to the runtime: a DeviceSpec for a
+    missing host path makes container creation fail.
+    """
+    return tuple(p for p in CONTROL_PATHS if os.path.exists(dev_root / p.lstrip("/")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +91,13 @@ class HealthEvent:
     """An asynchronous fault report, such as an XID.
 
     `uuid` names a GPU (the fault fans out to its MIG devices and replicas), a MIG device
-    (only that one), or is empty for every device (NVML itself failed).
+    (only that one), or is empty for every device (NVML itself failed). Every XID is
+    reported; whether it acts is the health policy's business (`health.py`).
     """
 
     uuid: str
     reason: str
     xid: int | None = None
-    critical: bool = True
-    """Whether the health policy acts on it; ignored XIDs are reported for metrics only."""
     recovers_at_once: bool = False
 
 
@@ -83,6 +110,3 @@ class DeviceBackend(Protocol):
     async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]: ...
     def health_events(self) -> AsyncGenerator[HealthEvent, None]: ...
     async def topology(self) -> Topology: ...
-    def control_paths(self) -> Sequence[str]:
-        """Container paths of the shared control nodes (`/dev/nvidiactl`, ...) that exist."""
-        ...

@@ -277,18 +277,30 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        v = value.strip().lower()
-        if v not in choices:
+# Each parser takes a flag's or variable's string, or a config file's typed YAML value
+# (a bool, a number, a list), and returns the typed setting; ValueError says what is wrong.
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _choice(choices: Sequence[str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        v = value.strip().lower() if isinstance(value, str) else None
+        if v is None or v not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
         return v
 
     return parse
 
 
-def parse_bool(value: str) -> bool:
-    v = value.strip().lower()
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = _text(value).strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
     if v in ("0", "false", "no", "off"):
@@ -296,22 +308,31 @@ def parse_bool(value: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _seconds(value: str) -> float:
-    v = float(value)
+def _number(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, int | float):
+        return float(value)
+    return float(_text(value))
+
+
+def _seconds(value: object) -> float:
+    v = _number(value)
     if not v > 0 or v != v or v == float("inf"):
         raise ValueError("must be a positive number of seconds")
     return v
 
 
-def _period(value: str) -> float:
-    v = float(value)
+def _period(value: object) -> float:
+    v = _number(value)
     if not v >= 0 or v == float("inf"):
         raise ValueError("must be a number of seconds >= 0 (0: never recover)")
     return v
 
 
-def _list_strategy(value: str) -> tuple[ListStrategy, ...]:
-    items = [s.strip().lower() for s in value.split(",") if s.strip()]
+def _list_strategy(value: object) -> tuple[ListStrategy, ...]:
+    raw = [_text(v) for v in value] if isinstance(value, list | tuple) else _text(value).split(",")
+    items = [s.strip().lower() for s in raw if s.strip()]
     if not items:
         raise ValueError("must name at least one strategy")
     for s in items:
@@ -320,8 +341,8 @@ def _list_strategy(value: str) -> tuple[ListStrategy, ...]:
     return tuple(dict.fromkeys(cast(list[ListStrategy], items)))
 
 
-def _address(value: str) -> str:
-    v = value.strip()
+def _address(value: object) -> str:
+    v = _text(value).strip()
     if not v:
         return ""
     _, sep, port = v.rpartition(":")
@@ -330,17 +351,18 @@ def _address(value: str) -> str:
     return v
 
 
-def _nonempty(value: str) -> str:
-    if not value.strip():
+def _nonempty(value: object) -> str:
+    v = _text(value)
+    if not v.strip():
         raise ValueError("must not be empty")
-    return value.strip()
+    return v.strip()
 
 
-def _path(value: str) -> Path:
+def _path(value: object) -> Path:
     return Path(_nonempty(value))
 
 
-def _cdi_kind(value: str) -> str:
+def _cdi_kind(value: object) -> str:
     v = _nonempty(value)
     vendor, sep, cls = v.partition("/")
     if not sep or not vendor or not cls or "=" in v:
@@ -348,7 +370,7 @@ def _cdi_kind(value: str) -> str:
     return v
 
 
-_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
+_PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "config_file": _path,
     "mig_strategy": _choice(("none", "single", "mixed")),
     "shared_devices_allocation_policy": _choice(("distributed", "packed")),
@@ -370,14 +392,6 @@ _PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "health_interval": _seconds,
     "health_recovery_period": _period,
 }
-
-
-def _file_value(raw: object) -> str:
-    if isinstance(raw, bool):
-        return "true" if raw else "false"
-    if isinstance(raw, list | tuple):
-        return ",".join(str(x) for x in raw)
-    return str(raw)
 
 
 def resolve(
@@ -408,17 +422,20 @@ def resolve(
     )
     command: Command = ns.command or "serve"
     path = overrides.get("config_file")
-    file = None
-    if isinstance(path, Path):
-        try:
-            text = (read or Path.read_text)(path)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
-        file = parse_file(text, path)
+    file = load(path, read) if isinstance(path, Path) else None
     return build(overrides, file, command=command)
 
 
-def parse_file(text: str, path: Path | str) -> configfile.ConfigFile:
+def load(path: Path, read: Callable[[Path], str] | None = None) -> configfile.ConfigFile:
+    """Read and parse the config file: at start, on every reload, in the tests.
+
+    Blocking (a file read and a parse): the running plugin calls it in a thread. A
+    ConfigError names the file and the key path and value.
+    """
+    try:
+        text = (read or Path.read_text)(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     try:
         return configfile.parse(text)
     except configfile.ConfigFileError as e:
@@ -436,7 +453,7 @@ def build(
     if file is not None:
         for key, (where, raw) in file.flags.items():
             try:
-                values[key] = _PARSERS[key](_file_value(raw))
+                values[key] = _PARSERS[key](raw)
             except ValueError as e:
                 raise ConfigError(f"{where}: invalid value {raw!r}: {e}") from None
         values.update(
@@ -449,12 +466,6 @@ def build(
     values["command"] = command
     values["overrides"] = dict(overrides)
     return validate(Config(**values))  # type: ignore[arg-type]
-
-
-def reload(current: Config, text: str) -> Config:
-    """The running config with a new config file's content; raises ConfigError."""
-    path = current.config_file or "config file"
-    return build(current.overrides, parse_file(text, path), command=current.command)
 
 
 def validate(config: Config) -> Config:

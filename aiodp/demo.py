@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -21,58 +19,16 @@ from pathlib import Path
 
 from grpclib import GRPCError
 
-from aiodp import app, metrics
+from aiodp import app, metrics, testbed
 from aiodp.config import RESOURCE_GPU, Config
-from aiodp.fakekubelet import FakeKubelet, Update, next_update
-
-GPUS = 8
-
-
-def h100_node(unhealthy: dict[int, str] | None = None) -> str:
-    """The demo node as simulated-devices YAML: 8 H100s, NUMA 0 and 1, NVLink pairs."""
-    unhealthy = unhealthy or {}
-    lines = ["gpus:"]
-    for i in range(GPUS):
-        lines += [
-            f"  - uuid: GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}",
-            "    name: NVIDIA H100 80GB HBM3",
-            f"    index: {i}",
-            "    memory_mib: 81559",
-            f"    numa_node: {i // 4}",
-            f'    pci_bus_id: "0000:{0x18 + 0x10 * i:02x}:00.0"',
-        ]
-        if i in unhealthy:
-            lines += ["    health: Unhealthy", f"    reason: {json.dumps(unhealthy[i])}"]
-    lines.append("nvlinks:")
-    for a in range(GPUS):
-        for b in range(a + 1, GPUS):
-            same_numa = a // 4 == b // 4
-            if same_numa or b == a + 4:
-                lines.append(f"  - [{a}, {b}, {4 if same_numa else 2}]")
-    return "\n".join(lines) + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace a file by rename, as editors and ConfigMap updates do."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from aiodp.fakekubelet import FakeKubelet, Update
+from aiodp.status import Status
+from aiodp.testbed import h100_node, http_get, write_atomically
 
 
 async def _next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
     async with asyncio.timeout(10):
-        return await next_update(kubelet, ok)
-
-
-async def http_get(address: str, path: str) -> str:
-    """A tiny HTTP/1.1 GET, enough to read our own /metrics and probes."""
-    host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    return data.partition(b"\r\n\r\n")[2].decode()
+        return await testbed.next_update(kubelet, ok)
 
 
 def _sockets(directory: Path) -> list[str]:
@@ -99,11 +55,11 @@ async def run(base: Config) -> int:
             metrics_address="127.0.0.1:0" if base.metrics_address else "",
         )
         say(f"aiodp demo: plugin directory {directory}")
-        stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
+        stop, status = asyncio.Event(), Status()
         async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
             t0 = time.monotonic()
             plugin = tg.create_task(
-                app.main(config, stop=stop, ready=ready, state=state, handle_signals=False),
+                app.main(config, stop=stop, status=status),
                 name="plugin",
             )
             reg = await asyncio.wait_for(kubelet.registrations.get(), 10)
@@ -155,11 +111,11 @@ async def run(base: Config) -> int:
             except GRPCError as e:
                 say(f"   Allocate(unknown id) -> {e.status.name}: {e.message}")
 
-            if state.endpoint is not None:
-                url = f"http://{state.endpoint.address}"
-                text = await http_get(state.endpoint.address, "/metrics")
+            if status.endpoint is not None:
+                url = f"http://{status.endpoint.address}"
+                text = await http_get(status.endpoint.address, "/metrics")
                 values = metrics.samples(text)
-                ready_text = await http_get(state.endpoint.address, "/readyz")
+                ready_text = await http_get(status.endpoint.address, "/readyz")
                 say(
                     f"\n   metrics and probes on {url}/metrics, /healthz, /readyz "
                     f"(readyz: {ready_text.strip()})"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
 DeviceId = NewType("DeviceId", str)
+"""An ID the kubelet sees: a GPU's or MIG device's UUID, or `<uuid>::<n>` for a replica."""
+Uuid = NewType("Uuid", str)
+"""A GPU's or MIG device's UUID, as NVML names it: what health is tracked by."""
 
 
 class Health(enum.Enum):
@@ -19,20 +22,41 @@ class Health(enum.Enum):
     UNHEALTHY = "Unhealthy"
 
 
-@dataclass(frozen=True, slots=True)
-class Device:
-    """One advertised device: a whole GPU, a MIG device, or a replica of either."""
+class Kind(enum.Enum):
+    """What an advertised ID stands for."""
 
-    id: DeviceId
-    """The ID the kubelet sees (GPU or MIG UUID, `<uuid>::<n>` for a replica)."""
+    GPU = "gpu"
+    """A whole GPU: its ID is its UUID."""
+    MIG = "mig"
+    """A MIG device: its ID is its MIG UUID."""
+    REPLICA = "replica"
+    """A shared (time-sliced or MPS) replica of a GPU or MIG device: `<uuid>::<n>`."""
+
+
+def device_id(uuid: Uuid, replica: int | None = None) -> DeviceId:
+    """The ID the kubelet sees: the UUID itself, or `<uuid>::<n>` for replica n."""
+    return DeviceId(uuid if replica is None else f"{uuid}::{replica}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Device:
+    """One advertised device: a whole GPU, a MIG device, or a replica of either.
+
+    Its `id` is derived from its kind: a GPU or MIG device is advertised by its UUID, a
+    replica by `<uuid>::<n>`.
+    """
+
     resource: str
     """Extended resource name, e.g. `nvidia.com/gpu`."""
-    uuid: str
+    uuid: Uuid
     """UUID of the GPU or MIG device this ID stands for (replicas share it)."""
-    gpu: str
+    gpu: Uuid
     """UUID of the physical GPU (the parent of a MIG device): health fans out by it."""
     index: str
     """NVIDIA's index: `3` for a GPU, `3:1` for a MIG device."""
+    kind: Kind = Kind.GPU
+    replica: int | None = None
+    """n of a `<uuid>::<n>` replica; None for a whole GPU or MIG device."""
     paths: tuple[str, ...] = ()
     """Device nodes this device needs, container paths such as `/dev/nvidia3`."""
     numa_node: int | None = None
@@ -40,9 +64,27 @@ class Device:
     health: Health = Health.HEALTHY
     reason: str = ""
     """Why the device is Unhealthy; empty while Healthy."""
-    replica: int | None = None
-    """n of a `<uuid>::<n>` replica; None for a whole GPU or MIG device."""
     memory_mib: int = 0
+    id: DeviceId = field(init=False)
+    """The ID the kubelet sees, derived from `uuid` and `replica`."""
+
+    def __post_init__(self) -> None:
+        if (self.kind is Kind.REPLICA) != (self.replica is not None):
+            raise ValueError(
+                f"device {self.uuid}: kind {self.kind.value} with replica {self.replica}"
+            )
+        if self.kind is Kind.GPU and self.uuid != self.gpu:
+            raise ValueError(f"device {self.uuid}: a whole GPU is its own GPU, not {self.gpu}")
+        object.__setattr__(self, "id", device_id(self.uuid, self.replica))
+
+    @property
+    def on_mig(self) -> bool:
+        """A MIG device, or a replica of one."""
+        return self.uuid != self.gpu
+
+    def replicated(self, n: int, resource: str) -> Device:
+        """Replica n of this GPU or MIG device, advertised as `resource`."""
+        return dataclasses.replace(self, kind=Kind.REPLICA, replica=n, resource=resource)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,23 +147,20 @@ class DeviceRegistry:
         self._publish(new)
         return True
 
-    def set_health(
-        self, ids: Collection[str], health: Health, reason: str = ""
-    ) -> tuple[tuple[Device, Device], ...]:
-        """Set the health of the named devices and of every device whose GPU is named.
-
-        Returns the (old, new) pairs that changed; an empty tuple wakes nobody.
-        """
-        return self.apply_health({i: (health, reason) for i in ids})
-
     def apply_health(
-        self, states: Mapping[str, tuple[Health, str]]
+        self, states: Mapping[Uuid, tuple[Health, str]]
     ) -> tuple[tuple[Device, Device], ...]:
-        """Apply many health verdicts at once (one version bump); keys as in `set_health`."""
+        """Apply health verdicts keyed by GPU or MIG UUID, in one version bump.
+
+        The fan-out lives here: a verdict on a GPU covers its replicas and every MIG device
+        on it (unless that MIG device has a verdict of its own), one on a MIG device that
+        device and its replicas. Returns the (old, new) pairs that changed; an empty tuple
+        wakes nobody.
+        """
         changes: list[tuple[Device, Device]] = []
         devices = []
         for dev in self._inventory.devices:
-            verdict = states.get(dev.id) or states.get(dev.uuid) or states.get(dev.gpu)
+            verdict = states.get(dev.uuid) or states.get(dev.gpu)
             if verdict is None:
                 devices.append(dev)
                 continue
@@ -148,7 +187,7 @@ class DeviceRegistry:
 
     async def watch(
         self, resource: str, *, until: asyncio.Event | None = None
-    ) -> AsyncIterator[tuple[Device, ...]]:
+    ) -> AsyncGenerator[tuple[Device, ...], None]:
         """The resource's devices now, then again after each change to them.
 
         Ends when `until` is set and `wake()` has been called.

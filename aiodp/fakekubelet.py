@@ -15,7 +15,7 @@ import logging
 import re
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Self
@@ -267,14 +267,6 @@ class FakeKubelet:
             log.info("kubelet: ListAndWatch of %s failed: %r", resource, e)
         ep.connected = False
         self.updates.put_nowait(Update(resource, ep.devices, time.monotonic(), ended=True))
-
-
-async def next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
-    """The next ListAndWatch message the kubelet receives for which `ok` holds."""
-    while True:
-        update = await kubelet.updates.get()
-        if ok(update):
-            return update
 
 
 class _Registration(RegistrationBase):

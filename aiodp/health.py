@@ -19,7 +19,8 @@ from typing import NoReturn
 
 from aiodp import metrics
 from aiodp.backend import DeviceBackend, HealthEvent, Probe
-from aiodp.devices import Device, DeviceRegistry, Health
+from aiodp.config import HealthPolicy
+from aiodp.devices import Device, DeviceRegistry, Health, Uuid
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,26 @@ class _Track:
 
 
 class HealthTracker:
-    """Turns probe results and events into registry health, one transition log each."""
+    """Turns probe results and events into registry health, one transition log each.
+
+    Tracks are kept per GPU or MIG UUID (replicas share theirs); the registry fans each
+    verdict out to the advertised devices. The health policy (which XIDs act) is applied
+    here: backends report every event as it is.
+    """
 
     def __init__(
         self,
         registry: DeviceRegistry,
         *,
         recovery_period: float,
+        policy: HealthPolicy | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.registry = registry
         self.recovery_period = recovery_period
+        self.policy = policy or HealthPolicy()
         self._clock = clock
-        self._tracks: dict[str, _Track] = {}
+        self._tracks: dict[Uuid, _Track] = {}
         self.last_probe: float | None = None
         """When the last round of probes was applied: the liveness probe's heartbeat."""
 
@@ -79,14 +87,14 @@ class HealthTracker:
     def _devices(self) -> tuple[Device, ...]:
         return self.registry.inventory().devices
 
-    def _track(self, uuid: str) -> _Track:
+    def _track(self, uuid: Uuid) -> _Track:
         return self._tracks.setdefault(uuid, _Track())
 
     def on_probes(self, probes: Mapping[str, Probe]) -> tuple[tuple[Device, Device], ...]:
-        """Probe verdicts keyed by GPU (or device) UUID; a GPU's verdict covers its MIG devices."""
+        """Probe verdicts keyed by GPU (or MIG) UUID; a GPU's verdict covers its MIG devices."""
         now = self._now()
         self.last_probe = now
-        gpu_of = {d.uuid: d.gpu for d in self._devices()}
+        gpu_of: dict[Uuid, Uuid] = {d.uuid: d.gpu for d in self._devices()}
         for uuid, gpu in sorted(gpu_of.items()):
             p = probes.get(uuid) or probes.get(gpu)
             if p is not None:
@@ -95,9 +103,10 @@ class HealthTracker:
 
     def on_event(self, event: HealthEvent) -> tuple[tuple[Device, Device], ...]:
         """A critical event marks its GPU (and all on it), its MIG device, or everything."""
+        critical = event.xid is None or self.policy.xid_is_critical(event.xid)
         if event.xid is not None:
-            metrics.observe_xid(event.xid, event.critical)
-        if not event.critical:
+            metrics.observe_xid(event.xid, critical)
+        if not critical:
             log.info(
                 "ignoring %s on %s (health policy)",
                 event.reason,
@@ -123,13 +132,13 @@ class HealthTracker:
         return self._apply()
 
     def _apply(self) -> tuple[tuple[Device, Device], ...]:
-        verdicts: dict[str, tuple[Health, str]] = {}
-        for d in self._devices():
-            track = self._tracks.get(d.uuid)
+        verdicts: dict[Uuid, tuple[Health, str]] = {}
+        for uuid in {d.uuid for d in self._devices()}:
+            track = self._tracks.get(uuid)
             if track is None:
                 continue
             reason = track.reason
-            verdicts[d.id] = (Health.HEALTHY, "") if reason is None else (Health.UNHEALTHY, reason)
+            verdicts[uuid] = (Health.HEALTHY, "") if reason is None else (Health.UNHEALTHY, reason)
         changes = self.registry.apply_health(verdicts)
         log_transitions(changes)
         return changes

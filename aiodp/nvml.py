@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Self
 
@@ -24,18 +25,11 @@ import pynvml
 
 from aiodp import metrics, topology
 from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
-from aiodp.config import Config
 from aiodp.devices import Health
 from aiodp.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
-CONTROL_PATHS: Final = (
-    "/dev/nvidiactl",
-    "/dev/nvidia-uvm",
-    "/dev/nvidia-uvm-tools",
-    "/dev/nvidia-modeset",
-)
 NO_INSTANCE: Final = 0xFFFFFFFF
 """gpuInstanceId / computeInstanceId of an event that concerns the whole GPU."""
 EVENT_WAIT_MS: Final = 1000
@@ -78,15 +72,25 @@ def mig_profile(gi_slices: int, ci_slices: int, memory_mb: int) -> str:
 
 
 class NvmlBackend:
-    """A DeviceBackend over NVML. `nvml` is the pynvml module (tests pass a fake one)."""
+    """A DeviceBackend over NVML. `nvml` is the pynvml module (tests pass a fake one).
 
-    def __init__(self, config: Config, nvml: ModuleType | Any = None) -> None:
-        self.config = config
+    It is given only where to read what NVML does not say: `sys_root` (a GPU's NUMA node)
+    and `proc_root` (MIG capability device minors).
+    """
+
+    def __init__(
+        self,
+        *,
+        sys_root: Path = Path("/sys"),
+        proc_root: Path = Path("/proc"),
+        nvml: ModuleType | Any = None,
+    ) -> None:
+        self.sys_root = sys_root
+        self.proc_root = proc_root
         self.n: Any = nvml if nvml is not None else pynvml
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._infos: tuple[DeviceInfo, ...] = ()
         self._topology = topology.Topology()
-        self._control: tuple[str, ...] = ()
         self._stop_events = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._broken: str | None = None
@@ -131,7 +135,7 @@ class NvmlBackend:
     async def discover(self) -> Sequence[DeviceInfo]:
         """Every GPU and MIG device, with NUMA nodes from sysfs; topology cached on the way."""
         try:
-            raw, links, pcie, control = await self._call(self._discover_sync)
+            raw, links, pcie = await self._call(self._discover_sync)
         except self.n.NVMLError as e:
             metrics.observe_nvml_error("discover")
             raise BackendUnavailable(f"NVML discovery failed: {e}") from None
@@ -140,7 +144,6 @@ class NvmlBackend:
             numa = await self._numa_node(info.pci_bus_id)
             infos.append(_with_numa(info, numa))
         self._infos = tuple(infos)
-        self._control = tuple(control)
         self._topology = topology.build(
             [(g.uuid, g.index, g.numa_node) for g in self._infos], nvlinks=links, pcie=pcie
         )
@@ -149,13 +152,10 @@ class NvmlBackend:
     async def topology(self) -> topology.Topology:
         return self._topology
 
-    def control_paths(self) -> Sequence[str]:
-        return self._control
-
     async def _numa_node(self, bus_id: str) -> int | None:
         if not bus_id:
             return None
-        path = self.config.sys_root / "bus/pci/devices" / sysfs_bdf(bus_id) / "numa_node"
+        path = self.sys_root / "bus/pci/devices" / sysfs_bdf(bus_id) / "numa_node"
         try:
             async with aiofiles.open(path) as f:
                 value = int((await f.read()).strip())
@@ -163,12 +163,9 @@ class NvmlBackend:
             return None
         return value if value >= 0 else None
 
-    def _exists(self, path: str) -> bool:
-        return (self.config.dev_root / path.lstrip("/")).exists()
-
     def _discover_sync(
         self,
-    ) -> tuple[list[DeviceInfo], dict[frozenset[str], int], dict[frozenset[str], str], list[str]]:
+    ) -> tuple[list[DeviceInfo], dict[frozenset[str], int], dict[frozenset[str], str]]:
         n = self.n
         handles = []
         infos = []
@@ -209,8 +206,7 @@ class NvmlBackend:
                 relation = PCIE_RELATION.get(level)
                 if relation is not None:
                     pcie[frozenset((a, b))] = relation
-        control = [p for p in CONTROL_PATHS if self._exists(p)]
-        return infos, links, pcie, control
+        return infos, links, pcie
 
     def _nvlinks(self, h: Any, by_bus: Mapping[str, str]) -> dict[str, int]:
         """Active NVLinks of one GPU, counted per peer GPU (by the remote PCI bus id)."""
@@ -269,7 +265,7 @@ class NvmlBackend:
 
     def _mig_caps(self, minor: int, gi: int, ci: int) -> tuple[str, ...]:
         """The two capability nodes of a MIG device, from the driver's capability files."""
-        base = self.config.proc_root / f"driver/nvidia/capabilities/gpu{minor}/mig"
+        base = self.proc_root / f"driver/nvidia/capabilities/gpu{minor}/mig"
         paths = []
         for access in (base / f"gi{gi}/access", base / f"gi{gi}/ci{ci}/access"):
             try:
@@ -340,7 +336,7 @@ class NvmlBackend:
         return Probe(Health.HEALTHY)
 
     async def health_events(self) -> AsyncGenerator[HealthEvent, None]:
-        """XID events as the event thread sees them, with the policy's verdict on each."""
+        """XID events as the event thread sees them, every one (the policy is health's)."""
         queue: asyncio.Queue[HealthEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -403,7 +399,6 @@ class NvmlBackend:
 
     def _wait_events(self, event_set: Any, report: Any) -> None:
         n = self.n
-        policy = self.config.health_policy
         while not self._stop_events.is_set():
             try:
                 data = n.nvmlEventSetWait_v2(event_set, EVENT_WAIT_MS)
@@ -423,7 +418,7 @@ class NvmlBackend:
             gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
             if uuid and gi != NO_INSTANCE and ci != NO_INSTANCE:
                 uuid = self._mig_uuid(uuid, gi, ci) or uuid
-            report(HealthEvent(uuid, f"XID {xid}", xid=xid, critical=policy.xid_is_critical(xid)))
+            report(HealthEvent(uuid, f"XID {xid}", xid=xid))
 
     def _mig_uuid(self, parent: str, gi: int, ci: int) -> str | None:
         for info in self._infos:

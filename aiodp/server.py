@@ -7,24 +7,20 @@ mapped to gRPC statuses in one place, `grpc_errors()`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
 import os
 import stat
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
-import grpclib.server
 from grpclib import GRPCError
 from grpclib.const import Status
-from grpclib.protocol import H2Protocol
 
-from aiodp import allocate, metrics, topology
+from aiodp import _grpclib, allocate, metrics, topology
 from aiodp.api.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
@@ -43,8 +39,8 @@ from aiodp.api.v1beta1 import (
 )
 from aiodp.config import Config
 from aiodp.devices import Device as DomainDevice
-from aiodp.devices import DeviceRegistry, Inventory, Resource
-from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
+from aiodp.devices import DeviceRegistry, Resource
+from aiodp.errors import InvalidRequest, UnhealthyDevice
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +83,6 @@ def _api_device(device_id: str, health: str, numa_node: int | None) -> Device:
     return Device(id=device_id, health=health, topology=topology)
 
 
-def to_api(devices: Sequence[DomainDevice]) -> ListAndWatchResponse:
-    """The generated message for a device list (the reference `snapshot` is tested against)."""
-    return ListAndWatchResponse(
-        devices=[_api_device(d.id, d.health.value, d.numa_node) for d in devices]
-    )
-
-
 class _Snapshot(ListAndWatchResponse):
     """A ListAndWatchResponse whose wire bytes are put together from cached per-device bytes.
 
@@ -129,8 +118,19 @@ def _varint(n: int) -> bytes:
 
 
 def snapshot(devices: Sequence[DomainDevice]) -> ListAndWatchResponse:
-    """The same wire bytes as `to_api(devices)`, from cached pieces."""
+    """The wire bytes of a ListAndWatchResponse listing `devices`, from cached pieces."""
     return _Snapshot(b"".join(_device_field(d.id, d.health.value, d.numa_node) for d in devices))
+
+
+class Settings(Protocol):
+    """What the services read from the live state at each call (never assigned into them)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def topo(self) -> topology.Topology: ...
+    @property
+    def control_paths(self) -> Sequence[str]: ...
 
 
 class DevicePluginService(DevicePluginBase):
@@ -138,19 +138,16 @@ class DevicePluginService(DevicePluginBase):
 
     def __init__(
         self,
-        resource: Resource | str,
+        resource: Resource,
         registry: DeviceRegistry,
-        config: Config,
-        topo: topology.Topology,
-        control_paths: Sequence[str] = (),
+        settings: Callable[[], Settings],
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        self.spec = resource if isinstance(resource, Resource) else Resource(resource)
-        self.resource = self.spec.name
+        self.spec = resource
+        self.resource = resource.name
         self.registry = registry
-        self.config = config
-        self.topo = topo
-        self.control_paths = tuple(control_paths)
+        self.settings = settings
+        """The live settings, read when a call arrives."""
         self.on_change = on_change or (lambda: None)
         """Called when a stream opens or ends (readiness depends on it)."""
         self.closing = asyncio.Event()
@@ -159,13 +156,17 @@ class DevicePluginService(DevicePluginBase):
         self.stream_lost = asyncio.Event()
         """Set when a ListAndWatch stream ended without us closing it (kubelet side)."""
         self.open_streams = 0
+        self.served = False
+        """Some call arrived: grpclib accepted a connection."""
         self._streams_done = asyncio.Event()
         self._streams_done.set()
 
     async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
+        self.served = True
         return OPTIONS
 
     async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
+        self.served = True
         self.open_streams += 1
         self._streams_done.clear()
         self.stream_opened.set()
@@ -194,44 +195,31 @@ class DevicePluginService(DevicePluginBase):
     async def get_preferred_allocation(
         self, message: PreferredAllocationRequest
     ) -> PreferredAllocationResponse:
-        inventory = self.registry.inventory()
+        self.served = True
+        inventory, live = self.registry.inventory(), self.settings()
+        policy = live.config.shared_devices_allocation_policy
         out = []
         with observed("GetPreferredAllocation", self.resource):
             for req in message.container_requests:
-                available = list(dict.fromkeys(req.available_deviceIDs))
-                must = list(dict.fromkeys(req.must_include_deviceIDs))
-                unknown = [
-                    i
-                    for i in dict.fromkeys(available + must)
-                    if (d := inventory.get(i)) is None or d.resource != self.resource
-                ]
-                if unknown:
-                    raise UnknownDevice(unknown)
-                ids = self._preferred(inventory, available, must, req.allocation_size)
+                ids = allocate.preferred(
+                    req.available_deviceIDs,
+                    req.must_include_deviceIDs,
+                    req.allocation_size,
+                    inventory,
+                    self.resource,
+                    live.topo,
+                    policy,
+                )
                 out.append(ContainerPreferredAllocationResponse(device_i_ds=ids))
         return PreferredAllocationResponse(container_responses=out)
 
-    def _preferred(
-        self, inventory: Inventory, available: list[str], must: list[str], size: int
-    ) -> list[str]:
-        """Whole GPUs by topology; replicas and MIG devices by the shared-devices policy."""
-        devices = inventory.for_resource(self.resource)
-        if all(d.replica is None and ":" not in d.index for d in devices):
-            return topology.preferred(available, must, size, self.topo)
-        group: dict[str, str] = {d.id: d.uuid if d.replica is not None else d.gpu for d in devices}
-        totals = collections.Counter(group.values())
-        order: dict[str, int] = {d.id: i for i, d in enumerate(devices)}
-        return topology.preferred_grouped(
-            available, must, size, group, totals, order,
-            self.config.shared_devices_allocation_policy,
-        )  # fmt: skip
-
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
-        inventory = self.registry.inventory()
+        self.served = True
+        inventory, live = self.registry.inventory(), self.settings()
         with observed("Allocate", self.resource):
             responses = [
                 allocate.build_response(
-                    req.devices_ids, inventory, self.spec, self.config, self.control_paths
+                    req.devices_ids, inventory, self.spec, live.config, live.control_paths
                 )
                 for req in message.container_requests
             ]
@@ -250,37 +238,6 @@ class DevicePluginService(DevicePluginBase):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 await self._streams_done.wait()
-
-
-class _Server(grpclib.server.Server):
-    """grpclib's Server that can also close the connections it accepted.
-
-    `Server.close()` cancels handlers but leaves client connections open (grpclib PR #190),
-    so a peer that keeps its connection (the kubelet does) would hold it forever.
-    """
-
-    def __init__(self, handlers: Sequence[DevicePluginBase]) -> None:
-        super().__init__(list(handlers))
-        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
-
-    def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
-        self._protocols.add(protocol)
-        return protocol
-
-    async def wait_requests(self) -> None:
-        """Wait for the requests in flight, e.g. streams that ended but still send trailers."""
-        tasks = [
-            t for h in self._handlers for t in getattr(h, "_tasks", {}).values() if not t.done()
-        ]
-        if tasks:
-            await asyncio.wait(tasks)
-
-    def close_connections(self) -> None:
-        for protocol in list(self._protocols):
-            processor = getattr(protocol, "processor", None)
-            if processor is not None:
-                processor.close("server closed")
 
 
 class PluginServer:
@@ -321,7 +278,7 @@ async def serve(
     wait_closed can hang while a peer holds its connection), then our socket is removed.
     """
     _unlink(path)
-    server = _Server([service])
+    server = _grpclib.Server([service])
     await server.start(path=str(path))
     inode = socket_inode(path)
     if inode is None:  # pragma: no cover - the kernel just created it
@@ -336,7 +293,7 @@ async def serve(
 
 
 async def _close(
-    server: _Server, service: DevicePluginService, handle: PluginServer, bound: float
+    server: _grpclib.Server, service: DevicePluginService, handle: PluginServer, bound: float
 ) -> None:
     """End the streams, let their trailers out, close everything, remove our socket.
 
@@ -354,6 +311,8 @@ async def _close(
         if handle.socket_intact():  # never remove a socket someone else bound since
             _unlink(handle.path)
         log.debug("closed %s on %s", service.resource, handle.path)
+    if service.served:
+        server.check_factory_used()
     # Best effort: let the transports' close callbacks run (3.12+ also waits for peers).
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound / 4):

@@ -11,13 +11,13 @@ import fnmatch
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from aiodp.backend import DeviceInfo, MigInfo
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.configfile import NamePattern, SharedResource
-from aiodp.devices import Device, DeviceId, Resource
+from aiodp.devices import Device, DeviceId, Kind, Resource, Uuid
 from aiodp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,11 @@ def mig_resource_name(profile: str) -> str:
 
 def _gpu_device(g: DeviceInfo, resource: str) -> Device:
     return Device(
-        id=DeviceId(g.uuid),
         resource=resource,
-        uuid=g.uuid,
-        gpu=g.uuid,
+        uuid=Uuid(g.uuid),
+        gpu=Uuid(g.uuid),
         index=str(g.index),
+        kind=Kind.GPU,
         paths=g.paths,
         numa_node=g.numa_node,
         health=g.health,
@@ -64,11 +64,11 @@ def _gpu_device(g: DeviceInfo, resource: str) -> Device:
 
 def _mig_device(g: DeviceInfo, m: MigInfo, resource: str) -> Device:
     return Device(
-        id=DeviceId(m.uuid),
         resource=resource,
-        uuid=m.uuid,
-        gpu=g.uuid,
+        uuid=Uuid(m.uuid),
+        gpu=Uuid(g.uuid),
         index=f"{g.index}:{m.index}",
+        kind=Kind.MIG,
         paths=(*g.paths, *m.paths),  # the parent's node and the two capability nodes
         numa_node=g.numa_node,
         health=g.health,
@@ -157,7 +157,7 @@ def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
             if not candidates:
                 log.warning("sharing: no %s devices on this node to share", entry.name)
                 continue
-            if sharing.method == "mps" and any(":" in d.index for d in candidates):
+            if sharing.method == "mps" and any(d.kind is Kind.MIG for d in candidates):
                 raise ConfigError("sharing.mps: MIG devices cannot be shared with MPS")
             name = entry.rename or (
                 f"{entry.name}.shared" if sharing.rename_by_default else entry.name
@@ -167,17 +167,14 @@ def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
     devices: list[Device] = []
     resources: dict[str, Resource] = {}
     for d in base:
-        kind: Literal["gpu", "mig"] = "mig" if ":" in d.index else "gpu"
+        kind: Literal["gpu", "mig"] = "mig" if d.kind is Kind.MIG else "gpu"
         if d.id not in shared:
             devices.append(d)
             resources.setdefault(d.resource, Resource(d.resource, kind))
             continue
         entry, name = shared[d.id]
         assert sharing is not None
-        devices += [
-            replace(d, id=DeviceId(f"{d.id}::{n}"), resource=name, replica=n)
-            for n in range(entry.replicas)
-        ]
+        devices += [d.replicated(n, name) for n in range(entry.replicas)]
         old = resources.get(name)
         resources[name] = Resource(
             name,

@@ -51,7 +51,6 @@ GPU_KEYS: Final = frozenset(
     }
 )
 MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci"})
-CONTROL_PATHS: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 
 class SimulatedFileError(ConfigError):
@@ -257,6 +256,3 @@ class SimulatedBackend:
 
     async def topology(self) -> topology.Topology:
         return self.node.topology()
-
-    def control_paths(self) -> Sequence[str]:
-        return CONTROL_PATHS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from pathlib import Path
 from typing import Final, Self
 
@@ -83,7 +83,7 @@ class DirWatch:
                 return
             await changed.wait()
 
-    async def changes(self, names: Collection[str]) -> AsyncIterator[None]:
+    async def changes(self, names: Collection[str]) -> AsyncGenerator[None, None]:
         """Yield after each batch of events that names any of `names` (bursts coalesce)."""
         last = self.seen(names)
         while True:
@@ -92,7 +92,7 @@ class DirWatch:
             yield
 
 
-async def file_changes(path: Path) -> AsyncIterator[None]:
+async def file_changes(path: Path) -> AsyncGenerator[None, None]:
     """Yield after each change of `path`: write in place, rename over it, ConfigMap swap."""
     async with DirWatch(path.parent) as dw:
         async for _ in dw.changes((path.name, CONFIGMAP_DATA)):

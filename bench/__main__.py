@@ -190,20 +190,20 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
     import grpc
 
     from aiodp import server as srv
-    from aiodp.devices import Device, DeviceId
     from aiodp.fakekubelet import FakeKubelet
     from bench.server import REPLICAS_128
+    from tests.builders import replica, to_api
 
     api_pb2, api_pb2_grpc = grpcio_stubs()
     devices = [
-        Device(DeviceId(f"GPU-{g:08x}::{n}"), "nvidia.com/gpu", f"GPU-{g}", f"GPU-{g}", str(g),
-               numa_node=g // 4, replica=n)
-        for g in range(8) for n in range(128)
-    ]  # fmt: skip
+        replica(g, n, resource="nvidia.com/gpu", numa_node=g // 4)
+        for g in range(8)
+        for n in range(128)
+    ]
     generated, cold, warm = [], [], []
     for _ in range(20):
         t = time.perf_counter()
-        size = len(bytes(srv.to_api(devices)))
+        size = len(bytes(to_api(devices)))
         generated.append(time.perf_counter() - t)
         srv._device_field.cache_clear()
         t = time.perf_counter()
@@ -216,7 +216,7 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
     async def flips() -> list[float]:
         from aiodp import app
         from aiodp import config as cfg
-        from aiodp.demo import h100_node
+        from aiodp.testbed import h100_node
 
         directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
         node = directory / "devices.yaml"
@@ -230,12 +230,12 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
                 "metrics_address": "",
                 "config_file": directory / "config.yaml",
             },
-            cfg.parse_file(REPLICAS_128, "config.yaml"),
+            cfg.load(directory / "config.yaml"),
         )
         stop = asyncio.Event()
         out = []
         async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
-            task = tg.create_task(app.main(config, stop=stop, handle_signals=False))
+            task = tg.create_task(app.main(config, stop=stop))
             await kubelet.registrations.get()
             while len((await kubelet.updates.get()).devices) != 1024:
                 pass

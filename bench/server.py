@@ -17,8 +17,9 @@ import uvloop
 from aiodp import app
 from aiodp import config as cfg
 from aiodp.api import v1beta1 as api
-from aiodp.demo import h100_node
 from aiodp.fakekubelet import FakeKubelet
+from aiodp.status import Status
+from aiodp.testbed import h100_node
 
 FIXED = api.AllocateResponse(
     container_responses=[
@@ -67,17 +68,15 @@ async def serve_plugin(directory: Path, replicas: bool = False) -> None:
     if replicas:
         (directory / "config.yaml").write_text(REPLICAS_128)
         explicit["config_file"] = directory / "config.yaml"
-        file = cfg.parse_file(REPLICAS_128, "config.yaml")
+        file = cfg.load(directory / "config.yaml")
     config = cfg.build(explicit, file)
-    stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
+    stop, status = asyncio.Event(), Status()
     async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
-        task = tg.create_task(
-            app.main(config, stop=stop, ready=ready, state=state, handle_signals=False)
-        )
-        await ready.wait()
+        task = tg.create_task(app.main(config, stop=stop, status=status))
+        await status.ready.wait()
         await kubelet.updates.get()
-        assert state.endpoint is not None
-        print(f"READY {config.socket_path('nvidia.com/gpu')} {state.endpoint.address}", flush=True)
+        assert status.endpoint is not None
+        print(f"READY {config.socket_path('nvidia.com/gpu')} {status.endpoint.address}", flush=True)
         await stdin_closed()
         stop.set()
         await task

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from aiodp import app
+from aiodp.backend import control_paths
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.errors import BackendUnavailable
 from aiodp.fakekubelet import FakeKubelet
@@ -26,11 +27,11 @@ async def main() -> int:
     )
     t0 = time.monotonic()
     try:
-        async with NvmlBackend(config) as backend:
+        async with NvmlBackend() as backend:
             infos = await backend.discover()
             probes = await backend.probe_health([g.uuid for g in infos])
             topo = await backend.topology()
-            control = backend.control_paths()
+            control = control_paths(config.dev_root)
     except BackendUnavailable as e:
         print(f"gpu-check: {e}")
         return 1
@@ -51,7 +52,7 @@ async def main() -> int:
 
     stop = asyncio.Event()
     async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
-        task = tg.create_task(app.main(config, stop=stop, handle_signals=False))
+        task = tg.create_task(app.main(config, stop=stop))
         reg = await asyncio.wait_for(kubelet.registrations.get(), 30)
         update = await asyncio.wait_for(kubelet.updates.get(), 30)
         print(

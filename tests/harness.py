@@ -13,8 +13,9 @@ from aiodp import app
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
-from aiodp.demo import h100_node, write_atomically
-from aiodp.fakekubelet import FakeKubelet, next_update
+from aiodp.fakekubelet import FakeKubelet
+from aiodp.status import Status
+from aiodp.testbed import h100_node, next_update, write_atomically
 
 __all__ = ["Running", "h100_node", "next_update", "running", "write_atomically"]
 
@@ -25,7 +26,7 @@ class Running:
     kubelet: FakeKubelet | None
     stop: asyncio.Event
     ready: asyncio.Event
-    state: app.State
+    state: Status
     task: asyncio.Task[int]
     devices_file: Path
 
@@ -43,7 +44,6 @@ async def running(
     kubelet_options: dict[str, Any] | None = None,
     node: str | None = None,
     expect_code: int = 0,
-    hup: asyncio.Event | None = None,
     make_backend: Callable[[Config], DeviceBackend] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
@@ -58,9 +58,8 @@ async def running(
         **overrides,
     }
     path = explicit.get("config_file")
-    file = cfg.parse_file(path.read_text(), path) if isinstance(path, Path) else None
-    config = cfg.build(explicit, file)
-    stop, ready, state = asyncio.Event(), asyncio.Event(), app.State()
+    config = cfg.build(explicit, cfg.load(path) if isinstance(path, Path) else None)
+    stop, status = asyncio.Event(), Status()
     async with contextlib.AsyncExitStack() as stack:
         fk = None
         if kubelet:
@@ -70,15 +69,12 @@ async def running(
                 config,
                 backend=make_backend(config) if make_backend else None,
                 stop=stop,
-                ready=ready,
-                state=state,
-                hup=hup,
-                handle_signals=False,
+                status=status,
             ),
             name="plugin-under-test",
         )
         try:
-            yield Running(config, fk, stop, ready, state, task, devices_file)
+            yield Running(config, fk, stop, status.ready, status, task, devices_file)
         finally:
             stop.set()
             code = await task

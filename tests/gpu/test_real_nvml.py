@@ -8,7 +8,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from aiodp.config import Config
+from aiodp.backend import control_paths
 from aiodp.devices import Health
 from aiodp.nvml import NvmlBackend
 
@@ -29,7 +29,7 @@ pytestmark = [
 
 
 async def test_gpu_discovery_and_probe() -> None:
-    async with NvmlBackend(Config(backend="nvml")) as backend:
+    async with NvmlBackend() as backend:
         infos = await backend.discover()
         assert infos, "NVML initialised but reports no GPU"
         for g in infos:
@@ -39,13 +39,13 @@ async def test_gpu_discovery_and_probe() -> None:
         probes = await backend.probe_health([g.uuid for g in infos])
         assert set(probes) == {g.uuid for g in infos}
         assert all(p.health is Health.HEALTHY for p in probes.values()), probes
-        assert "/dev/nvidiactl" in backend.control_paths()
+        assert "/dev/nvidiactl" in control_paths(Path("/"))
 
 
 async def test_gpu_xid_events_register_and_stay_quiet() -> None:
     """The event thread registers every GPU and waits; a failed registration or wait would
     come out as an event, so a quiet 2.5 s (over two 1 s waits) means it works."""
-    async with NvmlBackend(Config(backend="nvml")) as backend:
+    async with NvmlBackend() as backend:
         await backend.discover()
         events = backend.health_events()
         try:

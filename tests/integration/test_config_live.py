@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -136,11 +136,10 @@ async def test_config_live_invalid_swap_changes_nothing(
 
 
 async def test_config_live_sighup_rediscovers(short_dir: Path) -> None:
-    hup = asyncio.Event()
-    async with running(short_dir, node=NODE, hup=hup) as rp:
+    async with running(short_dir, node=NODE) as rp:
         await rp.k.registrations.get()
         await next_update(rp.k, lambda u: len(u.devices) == 3)
         rp.devices_file.write_text(NODE.replace("nvlinks", "  - {uuid: GPU-new}\nnvlinks"))
-        hup.set()  # the file watch may see the edit too: either way, one new list
+        os.kill(os.getpid(), signal.SIGHUP)  # the file watch may see the edit too: one new list
         update = await next_update(rp.k, lambda u: len(u.devices) == 4)
         assert update.devices[-1].id == "GPU-new"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +19,12 @@ pytestmark = pytest.mark.integration
 
 
 def nvml(machine: FakeMachine) -> Callable[[Config], NvmlBackend]:
-    return lambda config: NvmlBackend(config, nvml=machine.module())
+    return lambda config: NvmlBackend(
+        sys_root=config.sys_root, proc_root=config.proc_root, nvml=machine.module()
+    )
 
 
-FAST = {"backend": "nvml", "health_interval": 0.05, "health_recovery_period": 0.2}
+FAST: dict[str, Any] = {"backend": "nvml", "health_interval": 0.05, "health_recovery_period": 0.2}
 
 
 async def test_nvml_plugin_xid_reaches_the_kubelet_and_recovers(short_dir: Path) -> None:

@@ -11,8 +11,8 @@ from grpclib import GRPCError
 
 from aiodp import metrics
 from aiodp.config import RESOURCE_GPU
-from aiodp.demo import http_get
 from aiodp.fakekubelet import FakeKubelet
+from aiodp.testbed import http_get
 from tests.harness import Running, h100_node, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+from aiodp.devices import Device, DeviceRegistry, Health
+from tests.builders import gpu, set_health
 
 RES = "nvidia.com/gpu"
 steps = st.lists(
@@ -20,9 +21,7 @@ steps = st.lists(
 @given(steps)
 def test_registry_props_watch_ends_on_latest(script: list[tuple[int, bool, bool]]) -> None:
     async def run() -> None:
-        reg = DeviceRegistry(
-            Device(DeviceId(f"G{i}"), RES, f"G{i}", f"G{i}", str(i)) for i in range(4)
-        )
+        reg = DeviceRegistry(gpu(i, uuid=f"G{i}", resource=RES, paths=()) for i in range(4))
         stop = asyncio.Event()
         seen: list[tuple[Device, ...]] = []
 
@@ -32,9 +31,9 @@ def test_registry_props_watch_ends_on_latest(script: list[tuple[int, bool, bool]
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(reader())
-            for gpu, healthy, pause in script:
+            for g, healthy, pause in script:
                 health = Health.HEALTHY if healthy else Health.UNHEALTHY
-                reg.set_health([f"G{gpu}"], health, "x")
+                set_health(reg, [f"G{g}"], health, "x")
                 if pause:
                     await asyncio.sleep(0)  # let the reader run between some changes
             for _ in range(3):

@@ -5,31 +5,30 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aiodp import allocate
-from aiodp.api.v1beta1 import CdiDevice, DeviceSpec, Mount
+from aiodp.api.v1beta1 import CdiDevice, ContainerAllocateResponse, DeviceSpec, Mount
 from aiodp.config import Config
-from aiodp.devices import Device, DeviceId, Health, Inventory, Resource
+from aiodp.devices import Health, Inventory, Resource
 from aiodp.errors import UnhealthyDevice, UnknownDevice
+from tests.builders import gpu
 
 RES = "nvidia.com/gpu"
 CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm")
 
 
 def inventory() -> Inventory:
-    devs = [
-        Device(DeviceId(f"GPU-{i}"), RES, f"GPU-{i}", f"GPU-{i}", str(i), (f"/dev/nvidia{i}",), 0)
-        for i in range(4)
-    ]
+    devs = [gpu(i, numa_node=0) for i in range(4)]
     devs[3] = dataclasses.replace(devs[3], health=Health.UNHEALTHY, reason="XID 79")
-    devs.append(Device(DeviceId("OTHER-0"), "example.com/other", "OTHER-0", "OTHER-0", "9"))
+    devs.append(gpu(9, uuid="OTHER-0", resource="example.com/other", paths=()))
     return Inventory.of(devs, 1)
 
 
-def answer(ids: list[str], **options: object) -> allocate.ContainerAllocateResponse:
-    config = dataclasses.replace(Config(), **options)  # type: ignore[arg-type]
+def answer(ids: list[str], **options: Any) -> ContainerAllocateResponse:
+    config = dataclasses.replace(Config(), **options)
     return allocate.build_response(ids, inventory(), Resource(RES), config, CONTROL)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ def test_configfile_errors_name_the_key_and_value(text: str, message: str) -> No
     assert message in str(err.value)
 
 
-def files(**texts: str):  # type: ignore[no-untyped-def]
+def files(**texts: str) -> Callable[[Path], str]:
     def read(path: Path) -> str:
         return texts[path.name]
 
@@ -174,13 +175,19 @@ def test_configfile_reload_keeps_flags_and_env() -> None:
     c = config.resolve(
         ["--config-file", "/x/c.yaml", "--device-id-strategy", "uuid"], {}, read=read
     )
-    again = config.reload(
+    again = reloaded(
         c, "version: v1\nflags: {plugin: {deviceIDStrategy: index}, migStrategy: single}\n"
     )
     assert again.device_id_strategy == "uuid"  # the flag still wins
     assert again.mig_strategy == "single"
     assert again.sharing is None
-    assert config.reload(c, FULL) == c
+    assert reloaded(c, FULL) == c
+
+
+def reloaded(running: config.Config, text: str) -> config.Config:
+    """What a reload builds (reload.Reloader.read_config): the running overrides + the file."""
+    file = config.load(Path("/x/c.yaml"), read=files(**{"c.yaml": text}))
+    return config.build(running.overrides, file, command=running.command)
 
 
 @pytest.mark.parametrize(

@@ -2,33 +2,33 @@ from __future__ import annotations
 
 import asyncio
 
-from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+from aiodp.devices import Device, DeviceRegistry, Health
+from tests.builders import gpu, mig, set_health
 
 
-def dev(i: int, *, gpu: str | None = None, resource: str = "nvidia.com/gpu") -> Device:
-    uuid = f"GPU-{i}"
-    return Device(DeviceId(uuid), resource, uuid, gpu or uuid, str(i), (f"/dev/nvidia{i}",), 0)
+def dev(i: int, *, resource: str = "nvidia.com/gpu") -> Device:
+    return gpu(i, resource=resource, numa_node=0)
 
 
 def test_devices_set_health_reports_changes_once() -> None:
     reg = DeviceRegistry([dev(0), dev(1)])
     v0 = reg.inventory().version
-    changes = reg.set_health(["GPU-1"], Health.UNHEALTHY, "XID 79")
+    changes = set_health(reg, ["GPU-1"], Health.UNHEALTHY, "XID 79")
     assert [(o.health, n.health, n.reason) for o, n in changes] == [
         (Health.HEALTHY, Health.UNHEALTHY, "XID 79")
     ]
     assert reg.inventory().version == v0 + 1
-    assert reg.set_health(["GPU-1"], Health.UNHEALTHY, "XID 79") == ()
+    assert set_health(reg, ["GPU-1"], Health.UNHEALTHY, "XID 79") == ()
     assert reg.inventory().version == v0 + 1
-    back = reg.set_health(["GPU-1"], Health.HEALTHY, "ignored")
+    back = set_health(reg, ["GPU-1"], Health.HEALTHY, "ignored")
     assert back[0][1].health is Health.HEALTHY
     assert back[0][1].reason == ""
 
 
 def test_devices_fan_out_by_parent_gpu() -> None:
-    child = Device(DeviceId("MIG-a"), "nvidia.com/mig-1g.10gb", "MIG-a", "GPU-0", "0:0")
+    child = mig("MIG-a", "GPU-0", "0:0")
     reg = DeviceRegistry([dev(0), child, dev(1)])
-    changes = reg.set_health(["GPU-0"], Health.UNHEALTHY, "lost")
+    changes = set_health(reg, ["GPU-0"], Health.UNHEALTHY, "lost")
     assert sorted(n.id for _, n in changes) == ["GPU-0", "MIG-a"]
 
 
@@ -46,9 +46,9 @@ async def test_devices_watch_sends_current_then_latest_only() -> None:
     first = await anext(stream)
     assert [d.health for d in first] == [Health.HEALTHY, Health.HEALTHY]
     # three changes before the reader comes back: it sees only the latest
-    reg.set_health(["GPU-0"], Health.UNHEALTHY, "a")
-    reg.set_health(["GPU-1"], Health.UNHEALTHY, "b")
-    reg.set_health(["GPU-0"], Health.HEALTHY)
+    set_health(reg, ["GPU-0"], Health.UNHEALTHY, "a")
+    set_health(reg, ["GPU-1"], Health.UNHEALTHY, "b")
+    set_health(reg, ["GPU-0"], Health.HEALTHY)
     second = await anext(stream)
     assert [d.health for d in second] == [Health.HEALTHY, Health.UNHEALTHY]
     stop.set()
@@ -62,8 +62,8 @@ async def test_devices_watch_ignores_other_resources() -> None:
     stop = asyncio.Event()
     stream = reg.watch("nvidia.com/gpu", until=stop)
     assert len(await anext(stream)) == 1
-    reg.set_health(["GPU-5"], Health.UNHEALTHY, "x")
-    reg.set_health(["GPU-0"], Health.UNHEALTHY, "y")
+    set_health(reg, ["GPU-5"], Health.UNHEALTHY, "x")
+    set_health(reg, ["GPU-0"], Health.UNHEALTHY, "y")
     (only,) = await anext(stream)
     assert only.id == "GPU-0"
     assert only.health is Health.UNHEALTHY

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from typing import Self
 
 import pytest
 
 from aiodp import health, topology
 from aiodp.backend import DeviceInfo, HealthEvent, Probe
-from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+from aiodp.devices import DeviceRegistry, Health
+from tests.builders import gpu
 
 
 class ScriptedBackend:
@@ -34,22 +35,16 @@ class ScriptedBackend:
         self.probed.set()
         return answer
 
-    async def health_events(self) -> AsyncIterator[HealthEvent]:
-        if False:  # pragma: no cover
-            yield HealthEvent("", "")
+    async def health_events(self) -> AsyncGenerator[HealthEvent, None]:
+        await asyncio.Event().wait()  # this backend reports through probes only
+        yield HealthEvent("", "")  # pragma: no cover
 
     async def topology(self) -> topology.Topology:
         return topology.Topology()
 
-    def control_paths(self) -> Sequence[str]:
-        return ()
-
 
 def registry() -> DeviceRegistry:
-    return DeviceRegistry(
-        Device(DeviceId(f"GPU-{i}"), "nvidia.com/gpu", f"GPU-{i}", f"GPU-{i}", str(i))
-        for i in range(2)
-    )
+    return DeviceRegistry(gpu(i, paths=()) for i in range(2))
 
 
 OK = Probe(Health.HEALTHY)

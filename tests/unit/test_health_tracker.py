@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from aiodp.backend import HealthEvent, Probe
-from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+from aiodp.config import health_policy
+from aiodp.devices import DeviceRegistry, Health
 from aiodp.health import HealthTracker
+from tests.builders import gpu, mig, replica
 
 OK = Probe(Health.HEALTHY)
 
@@ -21,11 +23,11 @@ class Clock:
 
 def node() -> DeviceRegistry:
     devs = [
-        Device(DeviceId("GPU-0"), "nvidia.com/gpu", "GPU-0", "GPU-0", "0"),
-        Device(DeviceId("MIG-a"), "nvidia.com/mig-1g.10gb", "MIG-a", "GPU-1", "1:0"),
-        Device(DeviceId("MIG-b"), "nvidia.com/mig-1g.10gb", "MIG-b", "GPU-1", "1:1"),
-        Device(DeviceId("GPU-2::0"), "nvidia.com/gpu.shared", "GPU-2", "GPU-2", "2"),
-        Device(DeviceId("GPU-2::1"), "nvidia.com/gpu.shared", "GPU-2", "GPU-2", "2"),
+        gpu(0, paths=()),
+        mig("MIG-a", "GPU-1", "1:0"),
+        mig("MIG-b", "GPU-1", "1:1"),
+        replica(2, 0),
+        replica(2, 1),
     ]
     return DeviceRegistry(devs)
 
@@ -147,9 +149,37 @@ def test_tracker_fan_out() -> None:
 
 def test_tracker_ignored_events_change_nothing(caplog: pytest.LogCaptureFixture) -> None:
     reg, t, _ = tracker(300)
-    assert t.on_event(HealthEvent("GPU-0", "XID 13", xid=13, critical=False)) == ()
+    assert t.on_event(HealthEvent("GPU-0", "XID 13", xid=13)) == ()  # ignored by default
     assert all(healthy(reg).values())
     assert "ignoring XID 13 on GPU-0 (health policy)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("disable", "enable", "xid", "critical"),
+    [
+        (None, None, 79, True),
+        (None, None, 48, True),
+        *[(None, None, x, False) for x in (13, 31, 43, 45, 68, 109)],
+        ("xids", None, 79, False),
+        ("all", None, 79, False),
+        ("79, 94", None, 79, False),
+        ("79,94", None, 48, True),
+        (None, "13", 13, True),
+        ("all", "79", 79, True),
+        ("all", "79", 48, False),
+        ("48", "48", 48, True),
+    ],
+)
+def test_tracker_xid_policy_table(
+    disable: str | None, enable: str | None, xid: int, critical: bool
+) -> None:
+    """NVIDIA's DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS, applied to raw events."""
+    reg = node()
+    t = HealthTracker(
+        reg, recovery_period=300, policy=health_policy(disable, enable), clock=Clock()
+    )
+    t.on_event(HealthEvent("GPU-0", f"XID {xid}", xid=xid))
+    assert healthy(reg)["GPU-0"] is not critical
 
 
 def test_tracker_unknown_device_event_is_logged(caplog: pytest.LogCaptureFixture) -> None:

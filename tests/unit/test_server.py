@@ -13,28 +13,29 @@ from grpclib.testing import ChannelFor
 from aiodp import server, topology
 from aiodp.api import v1beta1 as api
 from aiodp.config import Config
-from aiodp.devices import Device, DeviceId, DeviceRegistry, Health
+from aiodp.devices import DeviceRegistry, Health, Resource
+from tests.builders import gpu, replica, set_health, to_api
 
 RES = "nvidia.com/gpu"
 
 
 def service(**options: object) -> server.DevicePluginService:
-    devs = [
-        Device(
-            DeviceId(f"GPU-{i}"), RES, f"GPU-{i}", f"GPU-{i}", str(i), (f"/dev/nvidia{i}",), i // 2
-        )
-        for i in range(4)
-    ]
-    devs.append(Device(DeviceId("GPU-x"), RES, "GPU-x", "GPU-x", "4"))
+    devs = [gpu(i, numa_node=i // 2) for i in range(4)]
+    devs.append(gpu(4, uuid="GPU-x", paths=()))
     reg = DeviceRegistry(devs)
-    reg.set_health(["GPU-3"], Health.UNHEALTHY, "XID 79")
+    set_health(reg, ["GPU-3"], Health.UNHEALTHY, "XID 79")
     topo = topology.build([(d.uuid, int(d.index), d.numa_node) for d in devs])
-    return server.DevicePluginService(
-        RES,
-        reg,
-        dataclasses.replace(Config(), **options),
-        topo,  # type: ignore[arg-type]
-    )
+    fixed = Fixed(dataclasses.replace(Config(), **options), topo)  # type: ignore[arg-type]
+    return server.DevicePluginService(Resource(RES), reg, lambda: fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """Settings that never change (the plugin reads reload.Live)."""
+
+    config: Config
+    topo: topology.Topology
+    control_paths: tuple[str, ...] = ()
 
 
 async def test_server_options_match_registration() -> None:
@@ -120,13 +121,13 @@ async def test_server_pre_start_is_a_no_op() -> None:
 
 def test_server_snapshot_bytes_equal_the_generated_encoding() -> None:
     devs = [
-        Device(DeviceId(f"GPU-{i}::{n}"), RES, f"GPU-{i}", f"GPU-{i}", str(i), (), numa, replica=n)
+        replica(i, n, resource=RES, numa_node=numa)
         for i, numa in ((0, 0), (1, None), (2, 1))
         for n in range(3)
     ]
     devs[4] = dataclasses.replace(devs[4], health=Health.UNHEALTHY, reason="x")
     fast = server.snapshot(devs)
-    assert bytes(fast) == bytes(server.to_api(devs))
-    assert fast.SerializeToString() == bytes(server.to_api(devs))
-    assert api.ListAndWatchResponse.parse(bytes(fast)) == server.to_api(devs)
+    assert bytes(fast) == bytes(to_api(devs))
+    assert fast.SerializeToString() == bytes(to_api(devs))
+    assert api.ListAndWatchResponse.parse(bytes(fast)) == to_api(devs)
     assert bytes(server.snapshot([])) == b""

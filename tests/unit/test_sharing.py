@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from aiodp import allocate, configfile, sharing, topology
 from aiodp.backend import DeviceInfo, MigInfo
-from aiodp.config import Config
+from aiodp.config import AllocationPolicy, Config
 from aiodp.devices import Inventory
 from aiodp.errors import ConfigError, InvalidRequest
 
@@ -29,11 +31,11 @@ def gpu(i: int, *migs: str, name: str = "NVIDIA A100-SXM4-80GB") -> DeviceInfo:
 MIXED_NODE = [gpu(0), gpu(1, "1g.10gb", "1g.10gb", "2g.20gb"), gpu(2, "3g.40gb", "1c.3g.40gb")]
 
 
-def conf(text: str = "", **flags: object) -> Config:
+def conf(text: str = "", **flags: Any) -> Config:
     f = configfile.parse(text)
     return dataclasses.replace(
         Config(), sharing=f.sharing, gpu_names=f.gpu_names, mig_names=f.mig_names, **flags
-    )  # type: ignore[arg-type]
+    )
 
 
 def names(plan: sharing.Plan) -> dict[str, list[str]]:
@@ -227,15 +229,18 @@ def test_sharing_mig_device_specs() -> None:
 
 
 def grouped(
-    plan: sharing.Plan, resource: str, available: list[str], must: list[str], size: int, policy: str
+    plan: sharing.Plan,
+    resource: str,
+    available: Sequence[str],
+    must: Sequence[str],
+    size: int,
+    policy: AllocationPolicy,
 ) -> list[str]:
-    devices = [d for d in plan.devices if d.resource == resource]
-    group = {d.id: d.uuid if d.replica is not None else d.gpu for d in devices}
-    totals: dict[str, int] = {}
-    for g in group.values():
-        totals[g] = totals.get(g, 0) + 1
-    order = {d.id: i for i, d in enumerate(devices)}
-    return topology.preferred_grouped(available, must, size, group, totals, order, policy)
+    """The preferred allocation the plugin answers for a shared or MIG resource."""
+    inventory = Inventory.of(plan.devices, 1)
+    return allocate.preferred(
+        available, must, size, inventory, resource, topology.Topology(), policy
+    )
 
 
 def test_sharing_replica_policies_are_deterministic() -> None:

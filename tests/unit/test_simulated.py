@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from aiodp import simulated
+from aiodp.backend import control_paths
 from aiodp.devices import Health
 from aiodp.simulated import SimulatedBackend, SimulatedFileError
 from tests.harness import h100_node
@@ -93,7 +94,15 @@ async def test_simulated_reload_keeps_last_good(short_dir: Path) -> None:
         assert [p.health for p in probes.values()].count(Health.UNHEALTHY) == 1
         path.unlink()
         assert await backend.reload() is False
-        assert backend.control_paths() == simulated.CONTROL_PATHS
+
+
+def test_control_paths_only_those_that_exist(short_dir: Path) -> None:
+    """Simulated or not, only control nodes present under the dev root are handed out."""
+    assert control_paths(short_dir) == ()
+    (short_dir / "dev").mkdir()
+    (short_dir / "dev/nvidia-uvm").write_text("")
+    (short_dir / "dev/nvidiactl").write_text("")
+    assert control_paths(short_dir) == ("/dev/nvidiactl", "/dev/nvidia-uvm")
 
 
 async def test_simulated_missing_file_at_start(short_dir: Path) -> None:

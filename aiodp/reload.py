@@ -1,0 +1,200 @@
+"""What the plugin serves now: the one live holder (config, plan, topology) and its watchers.
+
+`Holder.current()` is read wherever a setting is needed (the gRPC services read it per
+call); `Holder.watch()` hands the latest state after each change, skipping stale ones. A
+`Reloader` is the only writer: a config file edit, SIGHUP and a simulated-devices edit each
+build a new state and install it whole, or keep the running one when the new one is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from aiodp import aiokit, backend, health, sharing, watch
+from aiodp import config as cfg
+from aiodp.backend import DeviceBackend, DeviceInfo
+from aiodp.config import Config
+from aiodp.devices import DeviceRegistry, Health
+from aiodp.errors import ConfigError
+from aiodp.simulated import SimulatedBackend
+from aiodp.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What the plugin serves now; replaced as a whole by a reload or a rediscovery."""
+
+    config: Config
+    plan: sharing.Plan
+    topo: Topology
+    control_paths: tuple[str, ...]
+    """Shared control nodes (`/dev/nvidiactl`, ...) that exist under the live dev root."""
+    version: int = 0
+
+
+class Holder:
+    """The one live state: `current()` at any time, `watch()` for the latest after changes."""
+
+    def __init__(self, live: Live) -> None:
+        self._live = live
+        self._pulse = aiokit.Pulse()
+
+    def current(self) -> Live:
+        return self._live
+
+    def install(self, live: Live) -> None:
+        """Replace the live state (a new version) and wake the watchers."""
+        self._live = dataclasses.replace(live, version=self._live.version + 1)
+        self._pulse.notify()
+
+    async def watch(self) -> AsyncIterator[Live]:
+        """The live state now, then the latest one after each change (stale ones skipped)."""
+        seen = -1
+        while True:
+            await self._pulse.wait_for(lambda v=seen: self._live.version != v)  # type: ignore[misc]
+            live = self._live
+            seen = live.version
+            yield live
+
+
+async def discover(be: DeviceBackend, config: Config) -> tuple[Sequence[DeviceInfo], Live]:
+    """Discover the devices and build a live state for `config` from them (version 0)."""
+    infos = await be.discover()
+    plan = sharing.plan(infos, config)
+    control = await asyncio.to_thread(backend.control_paths, config.dev_root)
+    return infos, Live(config, plan, await be.topology(), control)
+
+
+def _shape(plan: sharing.Plan) -> tuple[object, ...]:
+    """A plan without health: what decides whether servers must change."""
+    devices = tuple(dataclasses.replace(d, health=Health.HEALTHY, reason="") for d in plan.devices)
+    return (plan.resources, devices)
+
+
+class Reloader:
+    """Builds a new live state (new config, rediscovered devices) and installs it."""
+
+    def __init__(
+        self,
+        holder: Holder,
+        infos: Sequence[DeviceInfo],
+        be: DeviceBackend,
+        registry: DeviceRegistry,
+        tracker: health.HealthTracker,
+        on_result: Callable[[str], None],
+    ) -> None:
+        self.holder = holder
+        self.backend = be
+        self.registry = registry
+        self.tracker = tracker
+        self.on_result = on_result
+        """Told every reload's result: applied, rejected or unchanged."""
+        self._infos = infos
+
+    async def read_config(self) -> Config:
+        """The running config with the config file's current content; raises ConfigError."""
+        running = self.holder.current().config
+        if running.config_file is None:
+            return running
+        file = await asyncio.to_thread(cfg.load, running.config_file)
+        return cfg.build(running.overrides, file, command=running.command)
+
+    async def apply(self, config: Config, *, rediscover: bool) -> bool:
+        """Install `config` (and fresh devices); False when nothing changed."""
+        old = self.holder.current()
+        topo = old.topo
+        if rediscover:
+            self._infos = await self.backend.discover()
+            topo = await self.backend.topology()
+        plan = sharing.plan(self._infos, config)
+        control = old.control_paths
+        if rediscover or config.dev_root != old.config.dev_root:
+            control = await asyncio.to_thread(backend.control_paths, config.dev_root)
+        if (config, _shape(plan), topo, control) == (
+            old.config,
+            _shape(old.plan),
+            old.topo,
+            old.control_paths,
+        ):
+            return False  # health alone is the health tasks' business
+        health_of = {d.uuid: (d.health, d.reason) for d in self.registry.inventory().devices}
+        devices = [
+            dataclasses.replace(d, health=health_of[d.uuid][0], reason=health_of[d.uuid][1])
+            if d.uuid in health_of
+            else d
+            for d in plan.devices
+        ]
+        self.holder.install(Live(config, plan, topo, control))
+        self.registry.replace(devices)
+        self.tracker.reapply()
+        log.info("serving %s", describe(plan))
+        return True
+
+    async def reload_config(self) -> None:
+        """A config file edit: apply it if valid, else keep the running config."""
+        try:
+            new = await self.read_config()
+            applied = await self.apply(new, rediscover=False)
+        except ConfigError as e:
+            log.warning("config reload rejected, keeping the running config: %s", e)
+            self.on_result("rejected")
+            return
+        self.on_result("applied" if applied else "unchanged")
+        if applied:
+            log.info("config reloaded from %s", new.config_file)
+
+
+def describe(plan: sharing.Plan) -> str:
+    """`nvidia.com/gpu (8), ...`: each resource with its device count."""
+    counts = [(r.name, sum(d.resource == r.name for d in plan.devices)) for r in plan.resources]
+    return ", ".join(f"{name} ({n})" for name, n in counts) or "no resources"
+
+
+async def run_config_watch(reloader: Reloader) -> NoReturn:
+    """Every change of the config file (ConfigMap swaps included) -> reload it."""
+    path = reloader.holder.current().config.config_file
+    if path is None:
+        raise RuntimeError("the config watch needs a config file")
+    async for _ in watch.file_changes(path):
+        await reloader.reload_config()
+    raise RuntimeError("the config watch ended")
+
+
+async def run_rediscover(reloader: Reloader, hup: asyncio.Event) -> NoReturn:
+    """SIGHUP: rediscover the devices and reload the config file."""
+    while True:
+        await hup.wait()
+        hup.clear()
+        log.info("SIGHUP: rediscovering devices and reloading the config")
+        try:
+            new = await reloader.read_config()
+        except ConfigError as e:
+            log.warning("config reload rejected, keeping the running config: %s", e)
+            reloader.on_result("rejected")
+            new = reloader.holder.current().config
+        try:
+            await reloader.apply(new, rediscover=True)
+        except ConfigError as e:
+            log.warning("rediscovery refused by the config: %s", e)
+
+
+async def run_simulated_watch(
+    be: SimulatedBackend, reloader: Reloader, health_wake: asyncio.Event
+) -> NoReturn:
+    """Every edit of the simulated-devices file: reload it, re-plan, probe health at once."""
+    async for _ in watch.file_changes(be.path):
+        if not await be.reload():
+            continue
+        try:
+            await reloader.apply(reloader.holder.current().config, rediscover=True)
+        except ConfigError as e:
+            log.warning("simulated devices: the new list does not fit the config: %s", e)
+        health_wake.set()
+    raise RuntimeError("the simulated-devices watch ended")

@@ -1,0 +1,187 @@
+"""What the running plugin knows about itself: one read-only record for probes, demo and tests.
+
+The supervisors report what happens through the record's methods (the only writers); everyone
+else reads: `/readyz` and `/healthz` ask `readiness()` and `liveness()`, the demo and the
+tests wait on `wait_for(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiodp import aiokit, metrics, probes, server
+from aiodp.reload import Holder, Live
+
+log = logging.getLogger(__name__)
+
+KubeletId = tuple[int | None, int]
+"""kubelet.sock's (inode, event count): another kubelet has another one."""
+
+
+class Status:
+    """The plugin's own state; written only through its methods, read by anyone."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        """Set once every advertised resource has registered (the first time)."""
+        self._pulse = aiokit.Pulse()
+        self._generation = 0
+        self._registrations = 0
+        self._reasons: list[str] = []
+        self._phase = "starting"
+        self._wanted: tuple[str, ...] = ()
+        self._services: dict[str, server.DevicePluginService] = {}
+        self._registered: set[str] = set()
+        self._eternal: list[asyncio.Task[Any]] = []
+        self._endpoint: probes.Endpoint | None = None
+        self._holder: Holder | None = None
+        self._heartbeat: Callable[[], float | None] = lambda: None
+        self._reloads: list[str] = []
+        self._kubelet: KubeletId | None = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Plugin generations started, over all resources."""
+        return self._generation
+
+    @property
+    def registrations(self) -> int:
+        """Registrations the kubelet accepted, over all resources."""
+        return self._registrations
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Why each earlier generation ended, oldest first."""
+        return tuple(self._reasons)
+
+    @property
+    def phase(self) -> str:
+        """What the plugin is doing before it serves, for /readyz."""
+        return self._phase
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The resources the current plan advertises."""
+        return self._wanted
+
+    @property
+    def registered(self) -> bool:
+        """Every advertised resource is registered with the kubelet."""
+        return bool(self._wanted) and set(self._wanted) <= self._registered
+
+    @property
+    def eternal(self) -> tuple[asyncio.Task[Any], ...]:
+        """Tasks that must never end while the plugin runs, for /healthz."""
+        return tuple(self._eternal)
+
+    @property
+    def endpoint(self) -> probes.Endpoint | None:
+        """Where /metrics, /healthz and /readyz are served, once bound."""
+        return self._endpoint
+
+    @property
+    def live(self) -> Live | None:
+        """What the plugin serves now (read from the one live holder)."""
+        return self._holder.current() if self._holder is not None else None
+
+    @property
+    def reloads(self) -> tuple[str, ...]:
+        """Config reload results (applied, rejected, unchanged), oldest first."""
+        return tuple(self._reloads)
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds; re-checked whenever the record changes."""
+        await self._pulse.wait_for(condition)
+
+    def readiness(self) -> str | None:
+        """None when every resource is registered and its ListAndWatch stream is open."""
+        if not self._wanted:
+            return self._phase
+        for name in self._wanted:
+            if name not in self._registered:
+                return f"{name}: not registered with the kubelet ({self._phase})"
+            service = self._services.get(name)
+            if service is None or not service.open_streams:
+                return f"{name}: registered, but no ListAndWatch stream is open"
+        return None
+
+    def liveness(self, now: float, health_interval: float, probing: bool) -> str | None:
+        """None while every eternal task runs and health probes keep coming."""
+        dead = [t.get_name() for t in self._eternal if t.done()]
+        if dead:
+            return f"task(s) ended: {', '.join(dead)}"
+        last = self._heartbeat()
+        if probing and last is not None and now - last > 3 * health_interval + 30:
+            return f"no health probe for {now - last:.0f} s"
+        return None
+
+    # -- writing (the supervisors report here) ----------------------------------------------
+
+    def changed(self) -> None:
+        """Something a reader may re-check changed (e.g. a stream opened or ended)."""
+        self._pulse.notify()
+
+    def set_phase(self, phase: str) -> None:
+        self._phase = phase
+        self.changed()
+
+    def eternal_task(self, task: asyncio.Task[Any]) -> None:
+        self._eternal.append(task)
+
+    def bound(self, endpoint: probes.Endpoint) -> None:
+        self._endpoint = endpoint
+        self.changed()
+
+    def serving(self, holder: Holder, heartbeat: Callable[[], float | None]) -> None:
+        """The live holder to read, and when the last health probe was applied."""
+        self._holder, self._heartbeat = holder, heartbeat
+        self.changed()
+
+    def want(self, resources: Iterable[str]) -> None:
+        self._wanted = tuple(sorted(resources))
+        self.changed()
+
+    def generation_started(self, service: server.DevicePluginService) -> None:
+        self._generation += 1
+        self._services[service.resource] = service
+        self.changed()
+
+    def accepted(self, resource: str, kubelet: KubeletId) -> None:
+        """The kubelet accepted `resource`'s registration; counts a kubelet restart."""
+        if self._kubelet is not None and kubelet != self._kubelet:
+            metrics.observe_kubelet_restart()  # kubelet.sock is another file than last time
+        self._kubelet = kubelet
+        self._registrations += 1
+        self._registered.add(resource)
+        if self.registered:
+            self.ready.set()
+        self.changed()
+
+    def generation_ended(self, service: server.DevicePluginService, reason: str) -> None:
+        resource = service.resource
+        self._registered.discard(resource)
+        self._phase = f"re-registering {resource}: {reason}"
+        self._reasons.append(reason)
+        log.info(
+            "plugin generation %d of %s ends: %s",
+            self._generation,
+            resource,
+            reason,
+            extra={"generation": self._generation, "resource": resource},
+        )
+        self.changed()
+
+    def generation_closed(self, service: server.DevicePluginService) -> None:
+        if self._services.get(service.resource) is service:
+            del self._services[service.resource]
+        self.changed()
+
+    def reloaded(self, result: str) -> None:
+        metrics.observe_config_reload(result)
+        self._reloads.append(result)
+        self.changed()
