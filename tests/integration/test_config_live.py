@@ -143,3 +143,35 @@ async def test_config_live_sighup_rediscovers(short_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGHUP)  # the file watch may see the edit too: one new list
         update = await next_update(rp.k, lambda u: len(u.devices) == 4)
         assert update.devices[-1].id == "GPU-new"
+
+
+async def test_config_live_dev_root_reload_moves_device_specs(short_dir: Path) -> None:
+    """A reloaded nvidiaDevRoot changes the host paths *and* which control nodes exist."""
+    roots = {}
+    for name, nodes in (("a", ["nvidiactl"]), ("b", ["nvidiactl", "nvidia-uvm"])):
+        (short_dir / name / "dev").mkdir(parents=True)
+        for node in nodes:
+            (short_dir / name / "dev" / node).write_text("")
+        roots[name] = short_dir / name
+
+    def conf(root: Path) -> str:
+        return f"version: v1\nflags: {{nvidiaDevRoot: {root}, plugin: {{passDeviceSpecs: true}}}}\n"
+
+    cm = ConfigMapDir(short_dir / "cm", conf(roots["a"]))
+    async with running(short_dir, node=NODE, config_file=cm.path) as rp:
+        await rp.ready.wait()
+        await listed(rp, "nvidia.com/gpu", ["GPU-a", "GPU-b", "GPU-m"])
+        specs = (await rp.k.allocate("nvidia.com/gpu", ["GPU-a"])).container_responses[0].devices
+        assert [s.host_path for s in specs] == [
+            f"{roots['a']}/dev/nvidiactl",
+            f"{roots['a']}/dev/nvidia0",
+        ]
+        cm.swap(conf(roots["b"]))
+        await rp.state.wait_for(lambda: "applied" in rp.state.reloads)
+        specs = (await rp.k.allocate("nvidia.com/gpu", ["GPU-a"])).container_responses[0].devices
+        assert [s.host_path for s in specs] == [
+            f"{roots['b']}/dev/nvidiactl",
+            f"{roots['b']}/dev/nvidia-uvm",
+            f"{roots['b']}/dev/nvidia0",
+        ]
+        assert rp.state.registrations == 1  # the same registration serves the new settings

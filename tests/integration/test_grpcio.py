@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.grpcio_stubs import api_pb2, api_pb2_grpc
-from tests.harness import Running, h100_node, next_update, running
+from tests.harness import Running, h100_node
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def plugin(short_dir: Path) -> AsyncIterator[Running]:
-    node = h100_node({7: "XID 48 (simulated)"})
-    async with running(short_dir, node=node) as rp:
-        await rp.k.registrations.get()
-        await next_update(rp.k, lambda u: bool(u.devices))
-        yield rp
+PLUGIN_OPTIONS = {"node": h100_node({7: "XID 48 (simulated)"})}
 
 
 @pytest.fixture(params=["localhost", "socket-path"])

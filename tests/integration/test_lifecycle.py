@@ -9,8 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aiodp.config import RESOURCE_GPU
+from aiodp.config import RESOURCE_GPU, Config
 from aiodp.fakekubelet import FakeKubelet
+from aiodp.simulated import SimulatedBackend
 from tests.harness import h100_node, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration
@@ -206,3 +207,22 @@ async def test_lifecycle_stand_in_refuses_like_the_kubelet(
             channel.close()
     assert err.value.status is Status.UNKNOWN
     assert message in (err.value.message or "")
+
+
+class _HangingExit(SimulatedBackend):
+    """A backend whose shutdown never ends (a stuck NVML event thread, say)."""
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_lifecycle_backend_exit_is_bounded(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def hanging(config: Config) -> SimulatedBackend:
+        assert config.simulated_devices is not None
+        return _HangingExit(config.simulated_devices)
+
+    async with running(short_dir, make_backend=hanging, shutdown_timeout=0.2) as rp:
+        await rp.ready.wait()
+    assert "the device backend did not shut down within 0.2 s" in caplog.text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,12 +42,7 @@ async def status(rp: Running, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body.decode()
 
 
-@pytest.fixture
-async def plugin(short_dir: Path) -> AsyncIterator[Running]:
-    async with running(short_dir, metrics_address="127.0.0.1:0") as rp:
-        await rp.ready.wait()
-        await next_update(rp.k, lambda u: bool(u.devices))
-        yield rp
+PLUGIN_OPTIONS = {"metrics_address": "127.0.0.1:0"}
 
 
 XID = (

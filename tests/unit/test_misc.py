@@ -71,6 +71,20 @@ async def test_misc_file_changes_sees_rename_write_and_configmap_swap(short_dir:
     await changes.aclose()
 
 
+async def test_misc_dirwatch_changes_ignore_unrelated_files(short_dir: Path) -> None:
+    async with watch.DirWatch(short_dir) as dw:
+        changes = dw.changes(["config.yaml", watch.CONFIGMAP_DATA])
+        nxt = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0)  # the generator takes its starting count and waits
+        (short_dir / "unrelated").write_text("x")
+        await dw.wait(lambda: dw.seen(["unrelated"]) >= 2)  # CREATE, CLOSE_WRITE read
+        await asyncio.sleep(0)  # a scheduling turn: the woken generator re-checks its count
+        assert not nxt.done()  # the unrelated file woke it, but it does not yield
+        (short_dir / "config.yaml").write_text("a")
+        await asyncio.wait_for(nxt, 5)
+        await changes.aclose()
+
+
 async def test_misc_dirwatch_counts_events_by_name(short_dir: Path) -> None:
     async with watch.DirWatch(short_dir) as dw:
         assert dw.seen(["a"]) == 0
