@@ -1,7 +1,8 @@
-"""What the plugin was asked to do: flags and environment resolved into one frozen Config.
+"""What the plugin was asked to do: flags, environment and config file in one frozen Config.
 
 Only this module interprets the environment; `__main__` hands `os.environ` to `resolve`.
-Precedence: flag > environment variable > default.
+Precedence: flag > environment variable > config file > default. The config file is read by
+one function, `load`, at start, on every reload and in the tests.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class Config:
     sys_root: Path = Path("/sys")
     """Where /sys is: a GPU's NUMA node is read from bus/pci/devices/<bdf>/numa_node."""
     shutdown_timeout: float = 10.0
-    """Bound on closing servers and streams at exit; below the pod's grace period."""
+    """Seconds to close streams, servers and the device backend at exit; below the pod's
+    termination grace period (30 s by default), so the kubelet never has to kill us."""
     register_timeout: float = 30.0
     """Deadline of one Register call: the kubelet dials back inside it (10 s dial)."""
     register_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -246,6 +248,11 @@ def _parser() -> _Parser:
         help="seconds of passing probes before an Unhealthy device "
         "is Healthy again; 0 = never (AIODP_HEALTH_RECOVERY_PERIOD) [300]",
     )
+    add(
+        "--shutdown-timeout",
+        help="seconds to close streams, servers and the backend at exit "
+        "(AIODP_SHUTDOWN_TIMEOUT) [10]",
+    )
     return p
 
 
@@ -270,6 +277,7 @@ _ENV: Final[Mapping[str, str]] = {
     "metrics_address": "AIODP_METRICS_ADDRESS",
     "health_interval": "AIODP_HEALTH_INTERVAL",
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
+    "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
 }
 
 
@@ -391,6 +399,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "metrics_address": _address,
     "health_interval": _seconds,
     "health_recovery_period": _period,
+    "shutdown_timeout": _seconds,
 }
 
 

@@ -36,6 +36,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "healthInterval": 2.5,
         "healthRecoveryPeriod": 0,
+        "shutdownTimeout": 8,
         "logFormat": "json",
     },
     "pod-monitor-no-probes": {
@@ -185,6 +186,7 @@ def test_chart_service_monitor() -> None:
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert env(objects)["AIODP_LOG_FORMAT"] == "json"
     assert env(objects)["AIODP_HEALTH_RECOVERY_PERIOD"] == "0"
+    assert env(objects)["AIODP_SHUTDOWN_TIMEOUT"] == "8"
 
 
 def test_chart_metrics_off_means_no_probes() -> None:

@@ -144,3 +144,11 @@ def test_config_health_errors(env: dict[str, str], message: str) -> None:
 def test_config_recovery_period() -> None:
     assert config.resolve([], {}).health_recovery_period == 300
     assert config.resolve(["--health-recovery-period", "0"], {}).health_recovery_period == 0
+
+
+def test_config_shutdown_timeout() -> None:
+    assert config.resolve([], {}).shutdown_timeout == 10
+    assert config.resolve(["--shutdown-timeout", "2.5"], {}).shutdown_timeout == 2.5
+    assert config.resolve([], {"AIODP_SHUTDOWN_TIMEOUT": "3"}).shutdown_timeout == 3
+    with pytest.raises(ConfigError, match="--shutdown-timeout: invalid value '0'"):
+        config.resolve(["--shutdown-timeout", "0"], {})
