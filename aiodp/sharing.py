@@ -28,12 +28,6 @@ class Plan:
     resources: tuple[Resource, ...]
     devices: tuple[Device, ...]
 
-    def resource(self, name: str) -> Resource:
-        for r in self.resources:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
 
 def _named(patterns: Sequence[NamePattern], subject: str, default: str) -> str:
     for p in patterns:

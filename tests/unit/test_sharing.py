@@ -11,7 +11,7 @@ import pytest
 from aiodp import allocate, configfile, sharing, topology
 from aiodp.backend import DeviceInfo, MigInfo
 from aiodp.config import AllocationPolicy, Config
-from aiodp.devices import Inventory
+from aiodp.devices import Inventory, Resource
 from aiodp.errors import ConfigError, InvalidRequest
 
 
@@ -36,6 +36,10 @@ def conf(text: str = "", **flags: Any) -> Config:
     return dataclasses.replace(
         Config(), sharing=f.sharing, gpu_names=f.gpu_names, mig_names=f.mig_names, **flags
     )
+
+
+def resource_of(plan: sharing.Plan, name: str) -> Resource:
+    return next(r for r in plan.resources if r.name == name)
 
 
 def names(plan: sharing.Plan) -> dict[str, list[str]]:
@@ -67,7 +71,7 @@ def test_sharing_mig_mixed_names_per_profile() -> None:
         "/dev/nvidia-caps/nvidia-cap11",
         "/dev/nvidia-caps/nvidia-cap16",
     )
-    assert plan.resource("nvidia.com/mig-2g.20gb").kind == "mig"
+    assert resource_of(plan, "nvidia.com/mig-2g.20gb").kind == "mig"
 
 
 def test_sharing_mig_mixed_name_patterns() -> None:
@@ -113,7 +117,7 @@ def test_sharing_replicas_ids() -> None:
     assert names(plan) == {
         "nvidia.com/gpu": ["GPU-0::0", "GPU-0::1", "GPU-0::2", "GPU-1::0", "GPU-1::1", "GPU-1::2"]
     }
-    r = plan.resource("nvidia.com/gpu")
+    r = resource_of(plan, "nvidia.com/gpu")
     assert (r.sharing, r.replicas, r.fail_requests_greater_than_one) == ("time-slicing", 3, False)
     assert {d.uuid for d in plan.devices} == {"GPU-0", "GPU-1"}
 
@@ -207,7 +211,7 @@ def test_sharing_mps_refuses_mig() -> None:
 
 def test_sharing_mig_device_specs() -> None:
     plan = sharing.plan(MIXED_NODE, conf(mig_strategy="mixed"))
-    res = plan.resource("nvidia.com/mig-2g.20gb")
+    res = resource_of(plan, "nvidia.com/mig-2g.20gb")
     r = allocate.build_response(
         ["MIG-1-2"], inventory(plan), res, Config(pass_device_specs=True), ("/dev/nvidiactl",)
     )
