@@ -17,7 +17,7 @@ from aiodp import topology
 from aiodp.api.v1beta1 import CdiDevice, ContainerAllocateResponse, DeviceSpec, Mount
 from aiodp.config import AllocationPolicy, Config
 from aiodp.devices import Device, Health, Inventory, Kind, Resource
-from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice
+from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice, cut_text
 
 VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
 CDI_KEY_NAMESPACE: Final = uuid.UUID("6f1d2e0a-5c1b-4e8f-9a51-61a0d90c0a51")
@@ -25,8 +25,39 @@ VOLUME_MOUNT_DIR: Final = "/var/run/nvidia-container-devices"
 CDI_STRATEGIES: Final = frozenset({"cdi-annotations", "cdi-cri"})
 
 
+MAX_ID_LENGTH: Final = 256
+"""No real device ID is longer: a MIG UUID is 40 characters, a replica adds `::<n>`."""
+MIN_ID_CAP: Final = 64
+ID_MARGIN: Final = 4
+"""A request may name at most this many times the node's devices (at least MIN_ID_CAP)."""
+MAX_CONTAINERS: Final = 256
+"""Container requests in one call; a pod with more containers than this is not real."""
+
+
+def check_request(ids: Sequence[str], inventory: Inventory) -> None:
+    """Refuse absurd requests before any work: too many IDs, or an ID longer than any real
+    one (INVALID_ARGUMENT, the sizes named, the ID quoted cut short)."""
+    cap = max(MIN_ID_CAP, ID_MARGIN * len(inventory.devices))
+    if len(ids) > cap:
+        raise InvalidRequest(
+            f"{len(ids)} device IDs in one request; this node has {len(inventory.devices)} "
+            f"devices (at most {cap} accepted)"
+        )
+    for i in ids:
+        if len(i) > MAX_ID_LENGTH:
+            raise InvalidRequest(
+                f"device ID of {len(i)} characters (at most {MAX_ID_LENGTH}): {cut_text(i)}"
+            )
+
+
+def check_containers(count: int) -> None:
+    if count > MAX_CONTAINERS:
+        raise InvalidRequest(f"{count} container requests in one call (at most {MAX_CONTAINERS})")
+
+
 def known(ids: Sequence[str], inventory: Inventory, resource: str) -> list[Device]:
     """The named devices of `resource`, de-duplicated in order; unknown ones raise."""
+    check_request(ids, inventory)
     found = {i: inventory.get(i) for i in dict.fromkeys(ids)}
     unknown = [i for i, d in found.items() if d is None or d.resource != resource]
     if unknown:

@@ -158,7 +158,7 @@ async def _run(
 
 def _choose_backend(config: Config) -> DeviceBackend:
     if config.backend == "simulated" and config.simulated_devices is not None:
-        return SimulatedBackend(config.simulated_devices)
+        return SimulatedBackend(config.simulated_devices, max_bytes=config.max_file_bytes)
     return NvmlBackend(sys_root=config.sys_root, proc_root=config.proc_root)
 
 
@@ -182,7 +182,7 @@ async def _enter_backend(
             await backend.__aenter__()
         except BackendUnavailable as e:
             log.warning("NVML unavailable (%s); using the simulated devices", e)
-            backend = SimulatedBackend(config.simulated_devices)
+            backend = SimulatedBackend(config.simulated_devices, max_bytes=config.max_file_bytes)
         else:
             stack.push_async_callback(_bounded_exit, backend, config.shutdown_timeout)
             return backend

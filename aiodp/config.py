@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Final, Literal, NoReturn, TypeVar, cast
 
 from aiodp import configfile
-from aiodp.errors import ConfigError
+from aiodp.errors import ConfigError, cut
 
 RESOURCE_GPU: Final = "nvidia.com/gpu"
 DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
@@ -72,7 +72,7 @@ def _xid_list(value: str) -> frozenset[int]:
         if not item:
             continue
         if not item.isdigit():
-            raise ValueError(f"{item!r} is not an XID number")
+            raise ValueError(f"{cut(item)} is not an XID number")
         out.add(int(item))
     return frozenset(out)
 
@@ -89,11 +89,13 @@ def health_policy(disable: str | None, enable: str | None) -> HealthPolicy:
         try:
             ignored = ignored | _xid_list(d)
         except ValueError as e:
-            raise ConfigError(f"DP_DISABLE_HEALTHCHECKS: invalid value {disable!r}: {e}") from None
+            raise ConfigError(
+                f"DP_DISABLE_HEALTHCHECKS: invalid value {cut(disable)}: {e}"
+            ) from None
     try:
         enabled = _xid_list(enable or "")
     except ValueError as e:
-        raise ConfigError(f"DP_ENABLE_HEALTHCHECKS: invalid value {enable!r}: {e}") from None
+        raise ConfigError(f"DP_ENABLE_HEALTHCHECKS: invalid value {cut(enable)}: {e}") from None
     return HealthPolicy(probes=probes, xids=xids, ignored_xids=ignored, enabled_xids=enabled)
 
 
@@ -152,6 +154,9 @@ class Config:
     """Where /proc is: MIG capability device minors are read under driver/nvidia/."""
     sys_root: Path = Path("/sys")
     """Where /sys is: a GPU's NUMA node is read from bus/pci/devices/<bdf>/numa_node."""
+    max_file_bytes: int = configfile.MAX_FILE_BYTES
+    """Largest config or simulated-devices file read (bytes): real ones are a few KiB, and a
+    huge one must not stall or bloat the plugin."""
     shutdown_timeout: float = 10.0
     """Seconds to close streams, servers and the device backend at exit; below the pod's
     termination grace period (30 s by default), so the kubelet never has to kill us."""
@@ -249,6 +254,10 @@ def _parser() -> _Parser:
         "is Healthy again; 0 = never (AIODP_HEALTH_RECOVERY_PERIOD) [300]",
     )
     add(
+        "--max-file-bytes",
+        help="largest config or simulated-devices file read (AIODP_MAX_FILE_BYTES) [1048576]",
+    )
+    add(
         "--shutdown-timeout",
         help="seconds to close streams, servers and the backend at exit "
         "(AIODP_SHUTDOWN_TIMEOUT) [10]",
@@ -278,6 +287,7 @@ _ENV: Final[Mapping[str, str]] = {
     "health_interval": "AIODP_HEALTH_INTERVAL",
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
+    "max_file_bytes": "AIODP_MAX_FILE_BYTES",
 }
 
 
@@ -345,8 +355,22 @@ def _list_strategy(value: object) -> tuple[ListStrategy, ...]:
         raise ValueError("must name at least one strategy")
     for s in items:
         if s not in LIST_STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; must be among {', '.join(LIST_STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {cut(s)}; must be among {', '.join(LIST_STRATEGIES)}"
+            )
     return tuple(dict.fromkeys(cast(list[ListStrategy], items)))
+
+
+def _file_bytes(value: object) -> int:
+    if isinstance(value, bool | float):
+        raise ValueError("must be a whole number of bytes")
+    try:
+        v = value if isinstance(value, int) else int(_text(value).strip())
+    except ValueError:
+        raise ValueError("must be a whole number of bytes") from None
+    if not 1024 <= v <= 64 << 20:
+        raise ValueError("must be between 1024 and 67108864 bytes")
+    return v
 
 
 def _address(value: object) -> str:
@@ -400,6 +424,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "health_interval": _seconds,
     "health_recovery_period": _period,
     "shutdown_timeout": _seconds,
+    "max_file_bytes": _file_bytes,
 }
 
 
@@ -425,28 +450,35 @@ def resolve(
         try:
             overrides[key] = _PARSERS[key](raw)
         except ValueError as e:
-            raise ConfigError(f"{source}: invalid value {raw!r}: {e}") from None
+            raise ConfigError(f"{source}: invalid value {cut(raw)}: {e}") from None
     overrides["health_policy"] = health_policy(
         environ.get("DP_DISABLE_HEALTHCHECKS"), environ.get("DP_ENABLE_HEALTHCHECKS")
     )
     command: Command = ns.command or "serve"
     path = overrides.get("config_file")
-    file = load(path, read) if isinstance(path, Path) else None
+    limit = overrides.get("max_file_bytes", configfile.MAX_FILE_BYTES)
+    assert isinstance(limit, int)
+    file = load(path, read, limit=limit) if isinstance(path, Path) else None
     return build(overrides, file, command=command)
 
 
-def load(path: Path, read: Callable[[Path], str] | None = None) -> configfile.ConfigFile:
-    """Read and parse the config file: at start, on every reload, in the tests.
+def load(
+    path: Path,
+    read: Callable[[Path], str] | None = None,
+    *,
+    limit: int = configfile.MAX_FILE_BYTES,
+) -> configfile.ConfigFile:
+    """Read (at most `limit` bytes) and parse the config file: at start, on every reload, in
+    the tests.
 
     Blocking (a file read and a parse): the running plugin calls it in a thread. A
     ConfigError names the file and the key path and value.
     """
     try:
-        text = (read or Path.read_text)(path)
+        text = read(path) if read is not None else configfile.read_bounded(path, limit)
+        return configfile.parse(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
-    try:
-        return configfile.parse(text)
     except configfile.ConfigFileError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -464,7 +496,7 @@ def build(
             try:
                 values[key] = _PARSERS[key](raw)
             except ValueError as e:
-                raise ConfigError(f"{where}: invalid value {raw!r}: {e}") from None
+                raise ConfigError(f"{where}: invalid value {cut(raw)}: {e}") from None
         values.update(
             sharing=file.sharing,
             gpu_names=file.gpu_names,
@@ -486,7 +518,7 @@ def validate(config: Config) -> Config:
         )
     if len(str(config.socket_path(RESOURCE_GPU))) > config.MAX_SOCKET_PATH:
         raise ConfigError(
-            f"--kubelet-socket: invalid value {str(config.kubelet_socket)!r}: "
+            f"--kubelet-socket: invalid value {cut(str(config.kubelet_socket))}: "
             "the directory is too long for a unix socket path (107 bytes)"
         )
     if config.sharing is not None and config.sharing.method == "mps":

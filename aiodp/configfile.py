@@ -8,16 +8,43 @@ are errors, except the GFD-only ones NVIDIA's plugin accepts and ignores (report
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import yaml
 
+from aiodp.errors import cut, cut_text
+
 
 class ConfigFileError(ValueError):
     """The file is not a valid v1 config; the message names the key path and value."""
+
+
+MAX_FILE_BYTES: Final = 1 << 20
+"""Default cap on a config or simulated-devices file (`--max-file-bytes`): real ones are KiB."""
+
+
+def read_bounded(path: Path, limit: int) -> str:
+    """A file's text, refused when it is over `limit` bytes (checked before reading it all).
+
+    Blocking: callers run it off the loop. Raises OSError, or ConfigFileError when too large
+    or not UTF-8.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1)
+    if size > limit or len(data) > limit:
+        raise ConfigFileError(
+            f"{max(size, len(data))} bytes, more than the limit of {limit} (--max-file-bytes)"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"not UTF-8 text (byte {e.start})") from None
 
 
 DevicesSelector = Literal["all"] | int | tuple[str, ...]
@@ -105,7 +132,7 @@ def _mapping(where: str, value: object) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(where, f"must be a mapping, got {value!r}")
+        raise _fail(where, f"must be a mapping, got {cut(value)}")
     return value
 
 
@@ -113,25 +140,25 @@ def _check_keys(where: str, value: Mapping[str, Any], allowed: set[str] | frozen
     unknown = sorted(str(k) for k in value if k not in allowed)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigFileError(f"{prefix}{unknown[0]}: unknown key")
+        raise ConfigFileError(f"{prefix}{cut_text(str(unknown[0]))}: unknown key")
 
 
 def _bool(where: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise _fail(where, f"must be true or false, got {value!r}")
+        raise _fail(where, f"must be true or false, got {cut(value)}")
     return value
 
 
 def resource_name(where: str, value: object) -> str:
     """NVIDIA's rule: `x` means `nvidia.com/x`; a DNS-subdomain name, 63 characters at most."""
     if not isinstance(value, str) or not value.strip():
-        raise _fail(where, f"must be a resource name, got {value!r}")
+        raise _fail(where, f"must be a resource name, got {cut(value)}")
     name = value.strip()
     if "/" not in name:
         name = f"nvidia.com/{name}"
     prefix, _, short = name.partition("/")
     if prefix != "nvidia.com" or not _NAME.match(short) or len(name) > 63:
-        raise _fail(where, f"must be nvidia.com/<name> with a DNS-subdomain name, got {value!r}")
+        raise _fail(where, f"must be nvidia.com/<name> with a DNS-subdomain name, got {cut(value)}")
     return name
 
 
@@ -139,7 +166,7 @@ def _devices(where: str, value: object) -> DevicesSelector:
     if value is None or value == "all":
         return "all"
     if isinstance(value, bool):
-        raise _fail(where, f"must be all, a count or a list of GPUs, got {value!r}")
+        raise _fail(where, f"must be all, a count or a list of GPUs, got {cut(value)}")
     if isinstance(value, int):
         if value < 1:
             raise _fail(where, f"must be >= 1, got {value}")
@@ -149,13 +176,13 @@ def _devices(where: str, value: object) -> DevicesSelector:
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, int | str) or item == "":
                 raise _fail(
-                    f"{where}[{i}]", f"must be an index, <gpu>:<mig> or a UUID, got {item!r}"
+                    f"{where}[{i}]", f"must be an index, <gpu>:<mig> or a UUID, got {cut(item)}"
                 )
             out.append(str(item))
         if len(set(out)) != len(out):
-            raise _fail(where, f"lists a device twice: {value!r}")
+            raise _fail(where, f"lists a device twice: {cut(value)}")
         return tuple(out)
-    raise _fail(where, f"must be all, a count or a non-empty list of GPUs, got {value!r}")
+    raise _fail(where, f"must be all, a count or a non-empty list of GPUs, got {cut(value)}")
 
 
 def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) -> Sharing | None:
@@ -165,7 +192,7 @@ def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) ->
     _check_keys(where, body, {"renameByDefault", "failRequestsGreaterThanOne", "resources"})
     resources_raw = body.get("resources")
     if not isinstance(resources_raw, list) or not resources_raw:
-        raise _fail(f"{where}.resources", f"must be a non-empty list, got {resources_raw!r}")
+        raise _fail(f"{where}.resources", f"must be a non-empty list, got {cut(resources_raw)}")
     resources = []
     seen: set[str] = set()
     for i, r in enumerate(resources_raw):
@@ -175,7 +202,7 @@ def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) ->
         name = resource_name(f"{at}.name", r.get("name"))
         replicas = r.get("replicas")
         if isinstance(replicas, bool) or not isinstance(replicas, int):
-            raise _fail(f"{at}.replicas", f"must be an integer >= 2, got {replicas!r}")
+            raise _fail(f"{at}.replicas", f"must be an integer >= 2, got {cut(replicas)}")
         if replicas < 2:
             raise _fail(f"{at}.replicas", f"must be >= 2, got {replicas}")
         rename = resource_name(f"{at}.rename", r["rename"]) if r.get("rename") else ""
@@ -198,7 +225,7 @@ def _patterns(where: str, raw: object) -> tuple[NamePattern, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _fail(where, f"must be a list, got {raw!r}")
+        raise _fail(where, f"must be a list, got {cut(raw)}")
     out = []
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
@@ -206,22 +233,45 @@ def _patterns(where: str, raw: object) -> tuple[NamePattern, ...]:
         _check_keys(at, item, {"pattern", "name"})
         pattern = item.get("pattern")
         if not isinstance(pattern, str) or not pattern:
-            raise _fail(f"{at}.pattern", f"must be a glob pattern, got {pattern!r}")
+            raise _fail(f"{at}.pattern", f"must be a glob pattern, got {cut(pattern)}")
         out.append(NamePattern(pattern, resource_name(f"{at}.name", item.get("name"))))
     return tuple(out)
+
+
+class _NoAliases(yaml.SafeLoader):
+    """PyYAML's safe loader refusing aliases: nested aliases expand exponentially (a
+    352-byte file became a 351 MB value). Neither of our files needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (or JSON) text as plain values, aliases refused; raises yaml.YAMLError.
+
+    Blocking and proportional to the text: callers bound the text and call it off the loop.
+    """
+    return yaml.load(text, Loader=_NoAliases)
 
 
 def parse(text: str) -> ConfigFile:
     """The file's text (YAML or JSON) as a ConfigFile; raises ConfigFileError."""
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigFileError("invalid YAML or JSON: " + str(e).replace("\n", " ")) from None
+        raise ConfigFileError(
+            "invalid YAML or JSON: " + cut_text(str(e).replace("\n", " "), 300)
+        ) from None
     doc = _mapping("(top level)", doc)
     _check_keys("", doc, {"version", "flags", "resources", "sharing", "imex"})
     version = doc.get("version", "v1")
     if version not in ("v1", "", None):
-        raise _fail("version", f"must be v1, got {version!r}")
+        raise _fail("version", f"must be v1, got {cut(version)}")
     ignored: list[str] = []
     flags: dict[str, tuple[str, object]] = {}
     raw_flags = _mapping("flags", doc.get("flags"))
@@ -249,7 +299,7 @@ def parse(text: str) -> ConfigFile:
     _check_keys("imex", imex, {"channelIDs", "required"})
     channels = imex.get("channelIDs") or []
     if channels not in ([], [0]):
-        raise _fail("imex.channelIDs", f"must be [] or [0], got {channels!r}")
+        raise _fail("imex.channelIDs", f"must be [] or [0], got {cut(channels)}")
     return ConfigFile(
         flags=flags,
         sharing=ts or mps,

@@ -1,6 +1,46 @@
-"""Which domain errors exist, and what each one means to a caller."""
+"""Which domain errors exist, what each one means to a caller, and how they quote input.
 
-from collections.abc import Iterable
+Every message or log line that quotes outside input (a peer's request, a file, the
+environment) quotes it through `cut` or `brief`: bounded, whatever was sent. A 1 MB device
+ID echoed whole into a gRPC trailer costs minutes of HPACK encoding on the loop.
+"""
+
+import reprlib
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+QUOTE_WIDTH: Final = 64
+"""Characters of one quoted value kept in a message; the rest becomes `...`."""
+QUOTE_ITEMS: Final = 5
+"""Values of a list quoted in a message; the rest is counted (`and 3 more`)."""
+
+_repr = reprlib.Repr()
+_repr.maxstring = QUOTE_WIDTH
+_repr.maxother = QUOTE_WIDTH
+_repr.maxlong = QUOTE_WIDTH
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = QUOTE_ITEMS
+_repr.maxlevel = 3
+
+
+def cut(value: object) -> str:
+    """A bounded repr of an outside value for a message: `'abc...xyz'`, lists shortened."""
+    return _repr.repr(value)
+
+
+def cut_text(text: str, width: int = QUOTE_WIDTH) -> str:
+    """Outside text (no quotes added) cut to about `width` characters."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    half = max(width // 2 - 2, 1)
+    return f"{text[:half]}...{text[-half:]} ({len(text)} chars)"
+
+
+def brief(values: Sequence[str], sep: str = ", ") -> str:
+    """The first few values, each cut short, then how many more: `a, b, c and 7 more`."""
+    shown = sep.join(cut_text(v) for v in values[:QUOTE_ITEMS])
+    more = len(values) - QUOTE_ITEMS
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 class AiodpError(Exception):
@@ -20,7 +60,7 @@ class UnknownDevice(InvalidRequest):
 
     def __init__(self, ids: Iterable[str]) -> None:
         self.ids = tuple(ids)
-        super().__init__("unknown device id(s): " + ", ".join(self.ids))
+        super().__init__("unknown device id(s): " + brief(self.ids))
 
 
 class UnhealthyDevice(AiodpError):
@@ -28,8 +68,8 @@ class UnhealthyDevice(AiodpError):
 
     def __init__(self, ids: Iterable[str], reasons: Iterable[str] = ()) -> None:
         self.ids = tuple(ids)
-        detail = "; ".join(r for r in reasons if r)
-        msg = "unhealthy device id(s): " + ", ".join(self.ids)
+        detail = brief([r for r in reasons if r], sep="; ")
+        msg = "unhealthy device id(s): " + brief(self.ids)
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
 

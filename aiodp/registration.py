@@ -13,6 +13,7 @@ from grpclib.client import Channel
 
 from aiodp import metrics, retry
 from aiodp.api.v1beta1 import DevicePluginOptions, RegisterRequest, RegistrationStub
+from aiodp.errors import cut_text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ async def register_once(
             "kubelet refused registration of %s: %s %s",
             resource,
             e.status.name,
-            e.message,
+            cut_text(e.message or "", 300),
             extra={"resource": resource},
         )
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -103,7 +104,9 @@ class Reloader:
         running = self.holder.current().config
         if running.config_file is None:
             return running
-        file = await asyncio.to_thread(cfg.load, running.config_file)
+        file = await asyncio.to_thread(
+            functools.partial(cfg.load, running.config_file, limit=running.max_file_bytes)
+        )
         return cfg.build(running.overrides, file, command=running.command)
 
     async def apply(self, config: Config, *, rediscover: bool) -> bool:

@@ -8,6 +8,8 @@ import random
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
+from aiodp.errors import cut
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -47,7 +49,9 @@ async def retrying(
             result = await op()
         except retry_on as e:
             delay = next(waits)
-            log.warning("%s attempt #%d failed; retrying in %.1fs: %r", what, attempt, delay, e)
+            log.warning(
+                "%s attempt #%d failed; retrying in %.1fs: %s", what, attempt, delay, cut(e)
+            )
             await sleep(delay)
             continue
         if attempt > 1:

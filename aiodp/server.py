@@ -200,6 +200,7 @@ class DevicePluginService(DevicePluginBase):
         policy = live.config.shared_devices_allocation_policy
         out = []
         with observed("GetPreferredAllocation", self.resource):
+            allocate.check_containers(len(message.container_requests))
             for req in message.container_requests:
                 ids = allocate.preferred(
                     req.available_deviceIDs,
@@ -217,6 +218,7 @@ class DevicePluginService(DevicePluginBase):
         self.served = True
         inventory, live = self.registry.inventory(), self.settings()
         with observed("Allocate", self.resource):
+            allocate.check_containers(len(message.container_requests))
             responses = [
                 allocate.build_response(
                     req.devices_ids, inventory, self.spec, live.config, live.control_paths

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, Self
 
-import aiofiles
 import yaml
 
-from aiodp import topology
+from aiodp import configfile, topology
 from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
 from aiodp.devices import Health
-from aiodp.errors import ConfigError
+from aiodp.errors import ConfigError, brief, cut, cut_text
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ GPU_KEYS: Final = frozenset(
     }
 )
 MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci"})
+MAX_TEXT: Final = 256
+"""Characters in one text value (a UUID, a name, a reason): real ones are far shorter."""
 
 
 class SimulatedFileError(ConfigError):
@@ -76,45 +77,60 @@ def _fail(where: str, msg: str) -> NoReturn:
 
 def _int(where: str, value: object, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(where, f"must be an integer >= {minimum}, got {value!r}")
+        _fail(where, f"must be an integer >= {minimum}, got {cut(value)}")
     return value
 
 
 def _str(where: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        _fail(where, f"must be a non-empty string, got {value!r}")
-    return value.strip()
+        _fail(where, f"must be a non-empty string, got {cut(value)}")
+    return _short(where, value.strip())
+
+
+def _short(where: str, value: str) -> str:
+    if len(value) > MAX_TEXT:
+        _fail(where, f"must be at most {MAX_TEXT} characters, got {len(value)}: {cut(value)}")
+    return value
+
+
+def _opt(where: str, value: object, default: str) -> str:
+    """An optional text value (a name, a reason): any scalar, bounded."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, dict | list):
+        _fail(where, f"must be text, got {cut(value)}")
+    return _short(where, str(value))
 
 
 def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
     """Parse and validate the file's text; raises SimulatedFileError naming the problem."""
     try:
-        doc: Any = yaml.safe_load(text)
+        doc: Any = configfile.load_yaml(text)
     except yaml.YAMLError as e:
-        _fail(source, f"invalid YAML: {e}".replace("\n", " "))
+        _fail(source, "invalid YAML: " + cut_text(str(e).replace("\n", " "), 300))
     if not isinstance(doc, dict):
         _fail(source, f"must be a mapping with a 'gpus' list, got {type(doc).__name__}")
     unknown = sorted(set(doc) - {"gpus", "nvlinks"})
     if unknown:
-        _fail(source, f"unknown key(s) {', '.join(map(str, unknown))}")
+        _fail(source, f"unknown key(s) {brief([str(k) for k in unknown])}")
     raw_gpus = doc.get("gpus")
     if not isinstance(raw_gpus, list):
-        _fail(f"{source}: gpus", f"must be a list, got {raw_gpus!r}")
+        _fail(f"{source}: gpus", f"must be a list, got {cut(raw_gpus)}")
     gpus: list[DeviceInfo] = []
     seen_uuid: set[str] = set()
     seen_index: set[int] = set()
     for pos, g in enumerate(raw_gpus):
         where = f"{source}: gpus[{pos}]"
         if not isinstance(g, dict):
-            _fail(where, f"must be a mapping, got {g!r}")
+            _fail(where, f"must be a mapping, got {cut(g)}")
         bad = sorted(set(map(str, g)) - GPU_KEYS)
         if bad:
-            _fail(where, f"unknown key(s) {', '.join(bad)}")
+            _fail(where, f"unknown key(s) {brief(bad)}")
         if "uuid" not in g:
             _fail(f"{where}.uuid", "is required")
         uuid = _str(f"{where}.uuid", g["uuid"])
         if uuid in seen_uuid:
-            _fail(f"{where}.uuid", f"duplicate uuid {uuid!r}")
+            _fail(f"{where}.uuid", f"duplicate uuid {cut(uuid)}")
         index = _int(f"{where}.index", g.get("index", pos))
         if index in seen_index:
             _fail(f"{where}.index", f"duplicate index {index}")
@@ -126,8 +142,9 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         try:
             health = Health(health_raw)
         except ValueError:
-            _fail(f"{where}.health", f"must be Healthy or Unhealthy, got {health_raw!r}")
-        reason = str(g.get("reason") or ("simulated fault" if health is Health.UNHEALTHY else ""))
+            _fail(f"{where}.health", f"must be Healthy or Unhealthy, got {cut(health_raw)}")
+        fault = "simulated fault" if health is Health.UNHEALTHY else ""
+        reason = _opt(f"{where}.reason", g.get("reason"), fault)
         seen_uuid.add(uuid)
         migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
         seen_index.add(index)
@@ -136,10 +153,10 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
                 uuid=uuid,
                 index=index,
                 minor=minor,
-                name=str(g.get("name") or "Simulated GPU"),
+                name=_opt(f"{where}.name", g.get("name"), "Simulated GPU"),
                 memory_mib=_int(f"{where}.memory_mib", g.get("memory_mib", 0)),
                 numa_node=numa,
-                pci_bus_id=str(g.get("pci_bus_id") or ""),
+                pci_bus_id=_opt(f"{where}.pci_bus_id", g.get("pci_bus_id"), ""),
                 paths=(f"/dev/nvidia{minor}",),
                 mig_enabled=bool(migs),
                 mig_devices=migs,
@@ -151,33 +168,33 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
     nvlinks: dict[frozenset[str], int] = {}
     raw_links = doc.get("nvlinks") or []
     if not isinstance(raw_links, list):
-        _fail(f"{source}: nvlinks", f"must be a list, got {raw_links!r}")
+        _fail(f"{source}: nvlinks", f"must be a list, got {cut(raw_links)}")
     for pos, link in enumerate(raw_links):
         where = f"{source}: nvlinks[{pos}]"
         if not isinstance(link, list) or len(link) != 3:
-            _fail(where, f"must be [gpu index, gpu index, link count], got {link!r}")
+            _fail(where, f"must be [gpu index, gpu index, link count], got {cut(link)}")
         a, b = (_int(where, v) for v in link[:2])
         count = _int(where, link[2], minimum=1)
         if a not in by_index or b not in by_index or a == b:
-            _fail(where, f"must join two different known GPU indexes, got {link!r}")
+            _fail(where, f"must join two different known GPU indexes, got {cut(link)}")
         nvlinks[frozenset((by_index[a], by_index[b]))] = count
     return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks)
 
 
 def _mig_devices(where: str, raw: object, parent: int, seen: set[str]) -> tuple[MigInfo, ...]:
     if not isinstance(raw, list):
-        _fail(where, f"must be a list, got {raw!r}")
+        _fail(where, f"must be a list, got {cut(raw)}")
     out = []
     for pos, m in enumerate(raw):
         at = f"{where}[{pos}]"
         if not isinstance(m, dict):
-            _fail(at, f"must be a mapping, got {m!r}")
+            _fail(at, f"must be a mapping, got {cut(m)}")
         bad = sorted(set(map(str, m)) - MIG_KEYS)
         if bad:
-            _fail(at, f"unknown key(s) {', '.join(bad)}")
+            _fail(at, f"unknown key(s) {brief(bad)}")
         uuid = _str(f"{at}.uuid", m.get("uuid"))
         if uuid in seen:
-            _fail(f"{at}.uuid", f"duplicate uuid {uuid!r}")
+            _fail(f"{at}.uuid", f"duplicate uuid {cut(uuid)}")
         seen.add(uuid)
         gi = _int(f"{at}.gi", m.get("gi"))
         ci = _int(f"{at}.ci", m.get("ci"))
@@ -195,25 +212,30 @@ class SimulatedBackend:
     A bad edit is refused with a log line and the last good content stays.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int = configfile.MAX_FILE_BYTES) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self._node: SimulatedNode | None = None
         self._text: str | None = None
 
     async def __aenter__(self) -> Self:
-        text = await self._read()
-        self._node, self._text = parse(text, str(self.path)), text
+        self._text, self._node = await asyncio.to_thread(self._load, None)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def _read(self) -> str:
+    def _load(self, unless: str | None) -> tuple[str, SimulatedNode | None]:
+        """Read (bounded) and parse the file, in a thread; no parse when the text is `unless`."""
         try:
-            async with aiofiles.open(self.path, encoding="utf-8") as f:
-                return await f.read()
+            text = configfile.read_bounded(self.path, self.max_bytes)
         except OSError as e:
             raise SimulatedFileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        except configfile.ConfigFileError as e:
+            raise SimulatedFileError(f"{self.path}: {e}") from None
+        if text == unless:
+            return text, None
+        return text, parse(text, str(self.path))
 
     @property
     def node(self) -> SimulatedNode:
@@ -224,10 +246,9 @@ class SimulatedBackend:
     async def reload(self) -> bool:
         """Re-read the file; True when it changed and is valid, False otherwise."""
         try:
-            text = await self._read()
-            if text == self._text:
+            text, node = await asyncio.to_thread(self._load, self._text)
+            if node is None:
                 return False
-            node = parse(text, str(self.path))
         except SimulatedFileError as e:
             log.warning("simulated devices: edit rejected, keeping the last good list: %s", e)
             return False

@@ -227,3 +227,43 @@ def test_configfile_missing_file_names_it() -> None:
 
     with pytest.raises(ConfigError, match=r"/x/c\.yaml: cannot read the config file"):
         config.resolve([], {"CONFIG_FILE": "/x/c.yaml"}, read=missing)
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)  # 9 * 8**8 = 150 million items once expanded, from about 600 bytes
+
+
+def test_configfile_aliases_are_refused() -> None:
+    """Nested aliases (a YAML bomb) expanded to 2 GB; they are refused before expanding."""
+    with pytest.raises(configfile.ConfigFileError, match=r"aliases \(\*name\) are not accepted"):
+        configfile.parse("version: v1\n" + LAUGHS)
+    with pytest.raises(configfile.ConfigFileError, match="aliases"):
+        configfile.parse(LAUGHS)
+
+
+def test_configfile_size_is_bounded(short_dir: Path) -> None:
+    big = short_dir / "big.yaml"
+    big.write_text("version: v1\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"big.yaml: 2097165 bytes, more than the limit of 1048576"
+    ):
+        config.load(big)
+    assert config.load(big, limit=4 << 20).flags == {}
+    with pytest.raises(ConfigError, match="--max-file-bytes: invalid value '12'"):
+        config.resolve(["--max-file-bytes", "12"], {})
+
+
+def test_configfile_errors_quote_values_cut_short() -> None:
+    with pytest.raises(ConfigError) as bad:
+        config.build(
+            {}, configfile.parse("version: v1\nflags: {migStrategy: " + "y" * 100_000 + "}\n")
+        )
+    assert str(bad.value).startswith("flags.migStrategy: invalid value 'yyy")
+    assert len(str(bad.value)) < 300
+    with pytest.raises(configfile.ConfigFileError) as err:
+        configfile.parse("version: v1\n" + "k" * 1000 + ": 1\n")
+    assert "unknown key" in str(err.value)
+    assert len(str(err.value)) < 300

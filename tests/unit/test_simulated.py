@@ -120,3 +120,26 @@ async def test_simulated_health_events_never_yield(short_dir: Path) -> None:
             async with asyncio.timeout(0.01):
                 await anext(events)
         await events.aclose()
+
+
+def test_simulated_aliases_and_long_text_are_refused() -> None:
+    """A GPU name made of aliases became a 39 MB string; aliases and long text are refused."""
+    with pytest.raises(SimulatedFileError, match="aliases"):
+        simulated.parse("x: &x [a, a]\ngpus: [{uuid: GPU-a, name: *x}]\n")
+    with pytest.raises(SimulatedFileError, match=r"gpus\[0\]\.name: must be at most 256"):
+        simulated.parse("gpus: [{uuid: GPU-a, name: " + "n" * 5000 + "}]\n")
+    with pytest.raises(SimulatedFileError, match=r"gpus\[0\]\.uuid: must be at most 256"):
+        simulated.parse("gpus: [{uuid: GPU-" + "u" * 5000 + "}]\n")
+
+
+async def test_simulated_file_size_is_bounded(short_dir: Path) -> None:
+    path = short_dir / "devices.yaml"
+    path.write_text(h100_node() + "#" * 5000 + "\n")
+    with pytest.raises(SimulatedFileError, match="more than the limit of 4096"):
+        async with SimulatedBackend(path, max_bytes=4096):
+            pass
+    async with SimulatedBackend(path, max_bytes=8192) as backend:
+        assert len(await backend.discover()) == 8
+        path.write_text(h100_node({0: "x"}) + "#" * 9000 + "\n")
+        assert await backend.reload() is False  # too large: the last good list stays
+        assert len(await backend.discover()) == 8
