@@ -161,7 +161,9 @@ async def _generation(
         reason = why_redo()
         if reason is not None:
             raise _Restart(reason)
+        service.expect_kubelet()  # the next attempt's dial-back is the one that counts
 
+    service.expect_kubelet()
     try:
         await reg.register(
             config.kubelet_socket,
@@ -174,6 +176,7 @@ async def _generation(
         )
     except _Restart as e:
         return str(e)
+    service.kubelet_registered()
     reason = why_redo()
     if reason is not None:
         return reason

@@ -44,6 +44,9 @@ from aiodp.errors import InvalidRequest, UnhealthyDevice
 
 log = logging.getLogger(__name__)
 
+SOCKET_MODE: Final = 0o600
+"""Our sockets are for the kubelet, which is root: nobody else connects."""
+
 OPTIONS: Final = DevicePluginOptions(
     pre_start_required=False, get_preferred_allocation_available=True
 )
@@ -153,26 +156,56 @@ class DevicePluginService(DevicePluginBase):
         self.closing = asyncio.Event()
         """Set by `close_streams()`: every ListAndWatch returns normally."""
         self.stream_opened = asyncio.Event()
+        """Set when the kubelet's ListAndWatch stream opened."""
         self.stream_lost = asyncio.Event()
-        """Set when a ListAndWatch stream ended without us closing it (kubelet side)."""
+        """Set when the kubelet's ListAndWatch stream ended without us closing it."""
+        self.kubelet_stream_open = False
+        """The kubelet's own stream is open (other clients' streams do not count)."""
         self.open_streams = 0
+        """ListAndWatch streams open, the kubelet's and any other client's."""
+        self._kubelet: object | None = None
+        """The connection the kubelet dialed back on inside Register."""
+        self._awaiting_kubelet = False
+        self._adopt_next_stream = False
         self.served = False
         """Some call arrived: grpclib accepted a connection."""
         self._streams_done = asyncio.Event()
         self._streams_done.set()
 
+    def expect_kubelet(self) -> None:
+        """We are about to Register: the kubelet dials back and asks for the options."""
+        self._kubelet, self._awaiting_kubelet, self._adopt_next_stream = None, True, False
+
+    def kubelet_registered(self) -> None:
+        """Register returned. Without a dial-back seen, the next stream is the kubelet's."""
+        self._awaiting_kubelet = False
+        self._adopt_next_stream = self._kubelet is None
+
     async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
         self.served = True
+        if self._awaiting_kubelet and self._kubelet is None:
+            self._kubelet = _grpclib.current_connection()
         return OPTIONS
 
     async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
         self.served = True
+        connection = _grpclib.current_connection()
+        if self._adopt_next_stream and connection is not None:
+            self._kubelet, self._adopt_next_stream = connection, False
+        kubelet = connection is not None and connection is self._kubelet
         self.open_streams += 1
         self._streams_done.clear()
-        self.stream_opened.set()
+        if kubelet:
+            self.kubelet_stream_open = True
+            self.stream_opened.set()
         metrics.stream_opened(self.resource)
         self.on_change()
-        log.info("ListAndWatch opened for %s", self.resource, extra={"resource": self.resource})
+        log.info(
+            "ListAndWatch opened for %s by %s",
+            self.resource,
+            "the kubelet" if kubelet else "another client",
+            extra={"resource": self.resource},
+        )
         try:
             async for devices in self.registry.watch(self.resource, until=self.closing):
                 log.debug("ListAndWatch %s: sending %d devices", self.resource, len(devices))
@@ -181,10 +214,12 @@ class DevicePluginService(DevicePluginBase):
         finally:
             metrics.stream_closed(self.resource)
             self.open_streams -= 1
+            if kubelet:
+                self.kubelet_stream_open = False
             self.on_change()
             if not self.open_streams:
                 self._streams_done.set()
-            if not self.closing.is_set() and not self.open_streams:
+            if kubelet and not self.closing.is_set():
                 log.warning(
                     "ListAndWatch for %s ended by the kubelet",
                     self.resource,
@@ -245,10 +280,18 @@ class DevicePluginService(DevicePluginBase):
 class PluginServer:
     """A running server for one resource: its service, socket path and socket inode."""
 
-    def __init__(self, service: DevicePluginService, path: Path, inode: int) -> None:
+    def __init__(
+        self, service: DevicePluginService, path: Path, inode: int, server: _grpclib.Server
+    ) -> None:
         self.service = service
         self.path = path
         self.inode = inode
+        self._server = server
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now."""
+        return self._server.connections
 
     def socket_intact(self) -> bool:
         """Whether our socket file is still the one we bound (not deleted or replaced)."""
@@ -272,22 +315,29 @@ def _unlink(path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def serve(
-    service: DevicePluginService, path: Path, *, shutdown_timeout: float
+    service: DevicePluginService,
+    path: Path,
+    *,
+    shutdown_timeout: float,
+    limits: _grpclib.Limits | None = None,
 ) -> AsyncIterator[PluginServer]:
-    """Serve `service` on the unix socket `path` until the block exits.
+    """Serve `service` on the unix socket `path` (mode 0600) until the block exits.
 
-    On exit the streams end normally first, then the server closes (bounded: grpclib's
-    wait_closed can hang while a peer holds its connection), then our socket is removed.
+    Each connection is held to `limits` (frame size, resets, idle time, message size, how
+    many at once). On exit the streams end normally first, then the server closes (bounded:
+    grpclib's wait_closed can hang while a peer holds its connection), then our socket is
+    removed.
     """
     _unlink(path)
-    server = _grpclib.Server([service])
+    server = _grpclib.Server([service], limits)
     await server.start(path=str(path))
+    os.chmod(path, SOCKET_MODE)
     inode = socket_inode(path)
     if inode is None:  # pragma: no cover - the kernel just created it
         server.close()
         raise OSError(f"socket {path} vanished right after binding")
     log.info("serving %s on %s", service.resource, path, extra={"resource": service.resource})
-    handle = PluginServer(service, path, inode)
+    handle = PluginServer(service, path, inode, server)
     try:
         yield handle
     finally:

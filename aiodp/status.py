@@ -94,6 +94,11 @@ class Status:
         """Config reload results (applied, rejected, unchanged), oldest first."""
         return tuple(self._reloads)
 
+    def streams(self, resource: str) -> int:
+        """ListAndWatch streams open for `resource` now (the kubelet's and others')."""
+        service = self._services.get(resource)
+        return service.open_streams if service is not None else 0
+
     async def wait_for(self, condition: Callable[[], bool]) -> None:
         """Return once `condition()` holds; re-checked whenever the record changes."""
         await self._pulse.wait_for(condition)
@@ -106,7 +111,7 @@ class Status:
             if name not in self._registered:
                 return f"{name}: not registered with the kubelet ({self._phase})"
             service = self._services.get(name)
-            if service is None or not service.open_streams:
+            if service is None or not service.kubelet_stream_open:
                 return f"{name}: registered, but no ListAndWatch stream is open"
         return None
 

@@ -97,3 +97,35 @@ async def test_hostile_too_many_containers(stub: api_pb2_grpc.DevicePluginStub) 
     )
     err = await refused(stub.Allocate(req, timeout=5))
     assert "1000 container requests in one call" in (err.details() or "")
+
+
+async def test_hostile_other_stream_does_not_blind_the_plugin(
+    plugin: Running, stub: api_pb2_grpc.DevicePluginStub
+) -> None:
+    """A monitor's ListAndWatch is not the kubelet's: when the kubelet's stream ends, the
+    plugin re-registers even though the monitor's is still open, and /readyz says so."""
+    monitor = stub.ListAndWatch(api_pb2.Empty())
+    first = await monitor.read()
+    assert len(first.devices) == 8
+    assert plugin.state.readiness() is None
+    await plugin.k.end_stream("nvidia.com/gpu")
+    await plugin.state.wait_for(lambda: "the kubelet ended ListAndWatch" in plugin.state.reasons)
+    await plugin.k.registrations.get()  # registered again
+    await next_update(plugin.k, lambda u: bool(u.devices) and not u.ended)
+    await plugin.state.wait_for(lambda: plugin.state.readiness() is None)
+    assert plugin.state.registrations == 2
+    monitor.cancel()
+
+
+async def test_hostile_other_stream_ending_changes_nothing(
+    plugin: Running, stub: api_pb2_grpc.DevicePluginStub
+) -> None:
+    monitor = stub.ListAndWatch(api_pb2.Empty())
+    await monitor.read()
+    monitor.cancel()
+    await plugin.state.wait_for(lambda: plugin.state.streams("nvidia.com/gpu") == 1)
+    # the kubelet's stream still carries health changes, with no re-registration
+    write_atomically(plugin.devices_file, h100_node({4: "XID 79"}))
+    await next_update(plugin.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
+    assert plugin.state.registrations == 1
+    assert plugin.state.readiness() is None
