@@ -197,7 +197,7 @@ class _Guard(asyncio.Protocol):
                     self.server.limits.max_connections,
                     self.server.refused,
                 )
-            transport.abort()
+            self.transport.abort()
             return
         self._admitted = True
         self.server.guards.add(self)
