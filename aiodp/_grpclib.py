@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import grpclib.server
+from grpclib.encoding.base import CodecBase
 from grpclib.protocol import H2Protocol
 
 log = logging.getLogger(__name__)
@@ -274,8 +275,13 @@ class _Guard(asyncio.Protocol):
 class Server(grpclib.server.Server):
     """grpclib's Server that guards its connections and can close the ones it accepted."""
 
-    def __init__(self, handlers: Collection[Any], limits: Limits | None = None) -> None:
-        super().__init__(list(handlers))
+    def __init__(
+        self,
+        handlers: Collection[Any],
+        limits: Limits | None = None,
+        codec: CodecBase | None = None,
+    ) -> None:
+        super().__init__(list(handlers), codec=codec)
         self.limits = limits or Limits()
         self.guards: set[_Guard] = set()
         self.refused = 0

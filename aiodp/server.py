@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -15,10 +16,12 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, cast
 
+import betterproto2
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 
 from aiodp import _grpclib, allocate, metrics, topology
 from aiodp.api.v1beta1 import (
@@ -40,7 +43,7 @@ from aiodp.api.v1beta1 import (
 from aiodp.config import Config
 from aiodp.devices import Device as DomainDevice
 from aiodp.devices import DeviceRegistry, Resource
-from aiodp.errors import InvalidRequest, UnhealthyDevice
+from aiodp.errors import InvalidRequest, UnhealthyDevice, cut, cut_text
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,11 @@ def grpc_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def observed(method: str, resource: str) -> Iterator[None]:
-    """Count the call by its gRPC status and time it; domain errors mapped inside."""
+    """Count the call by its gRPC status and time it; domain errors mapped inside.
+
+    An unexpected exception (a bug) becomes INTERNAL with one ERROR line and no traceback
+    on the wire or in the log; the loop and every other call carry on.
+    """
     start = time.perf_counter()
     code = "UNKNOWN"
     try:
@@ -76,8 +83,84 @@ def observed(method: str, resource: str) -> Iterator[None]:
     except GRPCError as e:
         code = e.status.name
         raise
+    except Exception as e:
+        code = "INTERNAL"
+        log.error("%s for %s failed: %s", method, resource, cut(e))
+        raise GRPCError(Status.INTERNAL, f"internal error in {method}") from None
     finally:
         metrics.observe_request(method, resource, code, time.perf_counter() - start)
+
+
+_INTS: Final = frozenset(
+    {"int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32", "fixed64"}
+    | {"sfixed32", "sfixed64", "enum"}
+)
+
+
+_PY_TYPES: Final[dict[str, type]] = {"string": str, "bytes": bytes, "bool": bool}
+
+
+def _scalar_fits(proto_type: str, value: object) -> bool:
+    if proto_type in _INTS:
+        return isinstance(value, int) and not isinstance(value, bool)
+    expected = _PY_TYPES.get(proto_type)
+    return expected is None or isinstance(value, expected)
+
+
+def _wrong_type(message: betterproto2.Message, depth: int = 0) -> str | None:
+    """Where a decoded message holds a value of the wrong type, if anywhere.
+
+    betterproto2 does not check wire types: a varint where a message belongs decodes to an
+    int, and would reach the handlers as one.
+    """
+    if depth > 16:
+        return "nested too deeply"
+    for f in dataclasses.fields(cast(Any, message)):
+        meta = f.metadata.get("betterproto")
+        if meta is None:
+            continue
+        value = getattr(message, f.name)
+        if meta.proto_type == "map":
+            if not isinstance(value, dict):
+                return f.name
+            continue
+        if meta.repeated:
+            if not isinstance(value, list):
+                return f.name
+            values = value
+        else:
+            values = [value]
+        for v in values:
+            if v is None and not meta.repeated and (meta.optional or meta.proto_type == "message"):
+                continue
+            if meta.proto_type == "message":
+                if not isinstance(v, betterproto2.Message):
+                    return f.name
+                inner = _wrong_type(v, depth + 1)
+                if inner is not None:
+                    return f"{f.name}.{inner}"
+            elif not _scalar_fits(meta.proto_type, v):
+                return f.name
+    return None
+
+
+class StrictCodec(ProtoCodec):
+    """Protobuf as grpclib decodes it, but bytes we cannot take are the client's fault:
+    INVALID_ARGUMENT and one WARNING line, never UNKNOWN and a traceback."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        name = getattr(message_type, "__name__", "message")
+        try:
+            message = message_type.FromString(data)
+            where = _wrong_type(message)
+        except Exception as e:  # betterproto2 raises many kinds on malformed bytes
+            problem = cut_text(f"{type(e).__name__}: {e}", 120)
+        else:
+            if where is None:
+                return message
+            problem = f"wrong wire type for field {where}"
+        log.warning("malformed %s (%d bytes): %s", name, len(data), problem)
+        raise GRPCError(Status.INVALID_ARGUMENT, f"malformed {name}: {problem}")
 
 
 def _api_device(device_id: str, health: str, numa_node: int | None) -> Device:
@@ -329,7 +412,7 @@ async def serve(
     removed.
     """
     _unlink(path)
-    server = _grpclib.Server([service], limits)
+    server = _grpclib.Server([service], limits, codec=StrictCodec())
     await server.start(path=str(path))
     os.chmod(path, SOCKET_MODE)
     inode = socket_inode(path)
