@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +395,17 @@ def _path(value: object) -> Path:
     return Path(_nonempty(value))
 
 
+def _host_root(value: object) -> Path:
+    """A host directory that goes into DeviceSpec and Mount host paths: absolute and
+    normalised, so that `relative/root` or `/host/../etc` cannot point anywhere else."""
+    v = _nonempty(value)
+    if not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if v != "/" and (os.path.normpath(v) != v.rstrip("/") or "//" in v):
+        raise ValueError("must be a normalised path (no '.', '..' or '//')")
+    return Path(v)
+
+
 def _cdi_kind(value: object) -> str:
     v = _nonempty(value)
     vendor, sep, cls = v.partition("/")
@@ -406,7 +418,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "config_file": _path,
     "mig_strategy": _choice(("none", "single", "mixed")),
     "shared_devices_allocation_policy": _choice(("distributed", "packed")),
-    "mps_root": _path,
+    "mps_root": _host_root,
     "kubelet_socket": _path,
     "backend": _choice(("auto", "nvml", "simulated")),
     "simulated_devices": _path,
@@ -415,8 +427,8 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "pass_device_specs": parse_bool,
     "cdi_annotation_prefix": _nonempty,
     "cdi_kind": _cdi_kind,
-    "nvidia_driver_root": _path,
-    "nvidia_dev_root": _path,
+    "nvidia_driver_root": _host_root,
+    "nvidia_dev_root": _host_root,
     "fail_on_init_error": parse_bool,
     "log_level": _choice(("debug", "info", "warning", "error")),
     "log_format": _choice(("text", "json")),

@@ -65,19 +65,21 @@ class _KubeletMark:
 async def run_plugins(holder: Holder, registry: DeviceRegistry, status: Status) -> NoReturn:
     """One plugin task per advertised resource, kept in step with the live plan.
 
-    A new plan leaves unchanged resources alone (their servers and streams stay; they read
-    the new settings at their next call), retires removed or changed ones (streams end,
-    socket removed) and starts the new ones, each registering on its own.
+    A registration is a resource name with our fixed options, so a new plan retires only
+    removed resources (streams end, socket removed) and starts only new ones, each
+    registering on its own. A resource that stays keeps its server, registration and stream:
+    its new device list goes over the open stream, its new sharing settings are read by the
+    next call.
     """
     plugin_dir = holder.current().config.plugin_dir
     async with watch.DirWatch(plugin_dir) as dw, asyncio.TaskGroup() as tg:
-        running: dict[str, tuple[Resource, asyncio.Event, asyncio.Task[None]]] = {}
+        running: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         async for live in holder.watch():
             wanted = {r.name: r for r in live.plan.resources}
             status.want(wanted)
-            for name, (spec, retire, task) in list(running.items()):
-                if wanted.get(name) != spec:
-                    log.info("resource %s %s", name, "changed" if name in wanted else "removed")
+            for name, (retire, task) in list(running.items()):
+                if name not in wanted:
+                    log.info("resource %s removed", name)
                     retire.set()
                     await asyncio.wait([task])
                     del running[name]
@@ -85,7 +87,9 @@ async def run_plugins(holder: Holder, registry: DeviceRegistry, status: Status) 
                 if name not in running:
                     retire = asyncio.Event()
                     coro = run_resource(spec, retire, dw, holder, registry, status)
-                    running[name] = (spec, retire, tg.create_task(coro, name=f"plugin-{name}"))
+                    running[name] = (retire, tg.create_task(coro, name=f"plugin-{name}"))
+                    status.resource_started(name)
+            status.applied_version(live.version)
     raise RuntimeError("the live holder's watch ended")
 
 

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 8192
 MAX_HEADERS: Final = 100
+MAX_CONNECTIONS: Final = 64
+"""Connections served at once; more are closed at once (Prometheus and the kubelet's probes
+use a handful), so a flood of idle connections cannot use up our file descriptors."""
 READ_TIMEOUT: Final = 5.0
 
 Check = Callable[[], str | None]
@@ -90,6 +93,9 @@ class Probes:
     def __init__(self, liveness: Check, readiness: Check) -> None:
         self.liveness = liveness
         self.readiness = readiness
+        self.open = 0
+        """Connections being answered now."""
+        self.refused = 0
 
     def answer(self, method: str, target: str) -> tuple[int, bytes, str]:
         if method not in ("GET", "HEAD"):
@@ -106,6 +112,21 @@ class Probes:
         return 404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per connection; over MAX_CONNECTIONS at once, closed unanswered."""
+        if self.open >= MAX_CONNECTIONS:
+            self.refused += 1
+            writer.close()
+            return
+        self.open += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self.open -= 1  # before the peer can see the connection end
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = "GET"
         try:
             async with asyncio.timeout(READ_TIMEOUT):
@@ -116,22 +137,15 @@ class Probes:
         except TimeoutError:
             status, body, ctype = 408, b"request timeout\n", "text/plain"
         except (ConnectionError, OSError):
-            writer.close()
             return
         head = (
             f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode("latin-1")
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from aiodp import aiokit, backend, health, sharing, watch
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend, DeviceInfo
 from aiodp.config import Config
-from aiodp.devices import DeviceRegistry, Health
+from aiodp.devices import DeviceRegistry, Health, Resource
 from aiodp.errors import ConfigError
 from aiodp.simulated import SimulatedBackend
 from aiodp.topology import Topology
@@ -38,6 +38,10 @@ class Live:
     control_paths: tuple[str, ...]
     """Shared control nodes (`/dev/nvidiactl`, ...) that exist under the live dev root."""
     version: int = 0
+
+    def resource(self, name: str) -> Resource | None:
+        """The resource's current definition (sharing, replicas), if it is still served."""
+        return next((r for r in self.plan.resources if r.name == name), None)
 
 
 class Holder:

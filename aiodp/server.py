@@ -217,6 +217,7 @@ class Settings(Protocol):
     def topo(self) -> topology.Topology: ...
     @property
     def control_paths(self) -> Sequence[str]: ...
+    def resource(self, name: str) -> Resource | None: ...
 
 
 class DevicePluginService(DevicePluginBase):
@@ -230,6 +231,7 @@ class DevicePluginService(DevicePluginBase):
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.spec = resource
+        """The resource as it was when this service started; calls read the live one."""
         self.resource = resource.name
         self.registry = registry
         self.settings = settings
@@ -335,11 +337,12 @@ class DevicePluginService(DevicePluginBase):
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         self.served = True
         inventory, live = self.registry.inventory(), self.settings()
+        spec = live.resource(self.resource) or self.spec
         with observed("Allocate", self.resource):
             allocate.check_containers(len(message.container_requests))
             responses = [
                 allocate.build_response(
-                    req.devices_ids, inventory, self.spec, live.config, live.control_paths
+                    req.devices_ids, inventory, spec, live.config, live.control_paths
                 )
                 for req in message.container_requests
             ]

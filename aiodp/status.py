@@ -41,6 +41,8 @@ class Status:
         self._heartbeat: Callable[[], float | None] = lambda: None
         self._reloads: list[str] = []
         self._kubelet: KubeletId | None = None
+        self._applied = -1
+        self._started: list[str] = []
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -88,6 +90,16 @@ class Status:
     def live(self) -> Live | None:
         """What the plugin serves now (read from the one live holder)."""
         return self._holder.current() if self._holder is not None else None
+
+    @property
+    def applied(self) -> int:
+        """The live version whose resources the supervisor has put in place."""
+        return self._applied
+
+    @property
+    def started(self) -> tuple[str, ...]:
+        """Resources whose plugin task was started, in order (a rebuilt one appears again)."""
+        return tuple(self._started)
 
     @property
     def reloads(self) -> tuple[str, ...]:
@@ -149,6 +161,14 @@ class Status:
 
     def want(self, resources: Iterable[str]) -> None:
         self._wanted = tuple(sorted(resources))
+        self.changed()
+
+    def resource_started(self, resource: str) -> None:
+        self._started.append(resource)
+        self.changed()
+
+    def applied_version(self, version: int) -> None:
+        self._applied = version
         self.changed()
 
     def generation_started(self, service: server.DevicePluginService) -> None:

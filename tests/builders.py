@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
+from aiodp import topology
 from aiodp.api import v1beta1 as api
-from aiodp.devices import Device, DeviceRegistry, Health, Kind, Uuid
+from aiodp.config import Config
+from aiodp.devices import Device, DeviceRegistry, Health, Kind, Resource, Uuid
 
 RES = "nvidia.com/gpu"
 
@@ -70,3 +73,16 @@ def to_api(devices: Sequence[Device]) -> api.ListAndWatchResponse:
             for d in devices
         ]
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """Live settings that never change, for a service under test (the plugin reads
+    reload.Live); calls use the service's own resource definition."""
+
+    config: Config = dataclasses.field(default_factory=Config)
+    topo: topology.Topology = dataclasses.field(default_factory=topology.Topology)
+    control_paths: tuple[str, ...] = ()
+
+    def resource(self, name: str) -> Resource | None:
+        return None

@@ -175,3 +175,40 @@ async def test_config_live_dev_root_reload_moves_device_specs(short_dir: Path) -
             f"{roots['b']}/dev/nvidia0",
         ]
         assert rp.state.registrations == 1  # the same registration serves the new settings
+
+
+THREE = "gpus: [{uuid: GPU-a}, {uuid: GPU-b}, {uuid: GPU-c}]\n"
+SLICED = (
+    "version: v1\nsharing:\n  timeSlicing:\n    renameByDefault: true\n    resources:\n"
+    "      - {name: nvidia.com/gpu, replicas: 2, devices: ['0']}\n"
+)
+
+
+async def test_config_live_device_list_change_goes_over_the_open_stream(short_dir: Path) -> None:
+    """Only device lists change (which GPUs are shared, how many replicas): the new lists go
+    over the open streams; no new server, registration or stream (the registrations, name and
+    options, are unchanged)."""
+    cm = ConfigMapDir(short_dir / "cm", SLICED)
+    async with running(short_dir, node=THREE, config_file=cm.path) as rp:
+        await registrations(rp, 2)
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)
+        endpoints = {r: rp.k.endpoint(r) for r in ("nvidia.com/gpu", "nvidia.com/gpu.shared")}
+        started = rp.state.started
+        cm.swap(SLICED.replace("devices: ['0']", "devices: ['0', '1']"))
+        await listed(rp, "nvidia.com/gpu.shared", [f"GPU-{g}::{n}" for g in "ab" for n in range(2)])
+        await listed(rp, "nvidia.com/gpu", ["GPU-c"])
+        cm.swap(SLICED.replace("replicas: 2", "replicas: 3"))
+        await listed(rp, "nvidia.com/gpu.shared", [f"GPU-a::{n}" for n in range(3)])
+        await listed(rp, "nvidia.com/gpu", ["GPU-b", "GPU-c"])
+        await rp.state.wait_for(lambda: rp.state.reloads.count("applied") == 2)
+        live = rp.state.live
+        assert live is not None
+        await rp.state.wait_for(lambda: rp.state.applied == live.version)
+        assert rp.state.started == started  # no resource was rebuilt
+        resp = await rp.k.allocate("nvidia.com/gpu.shared", ["GPU-a::2"])
+        assert resp.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-a"
+        assert rp.k.registrations.empty()
+        assert rp.state.registrations == 2
+        for resource, endpoint in endpoints.items():
+            assert rp.k.endpoint(resource) is endpoint
+            assert endpoint.connected

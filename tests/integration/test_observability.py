@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from grpclib import GRPCError
 
-from aiodp import metrics
+from aiodp import metrics, probes
 from aiodp.config import RESOURCE_GPU
 from aiodp.fakekubelet import FakeKubelet
 from aiodp.testbed import http_get
@@ -154,3 +154,22 @@ async def test_observability_head_has_no_body(plugin: Running) -> None:
     answer = await raw(plugin.state.endpoint.address, b"HEAD /metrics HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK")
     assert answer.endswith(b"\r\n\r\n")
+
+
+async def test_observability_idle_connection_flood_is_capped(plugin: Running) -> None:
+    """Idle HTTP connections beyond the cap are closed at once; once they go, probes answer."""
+    assert plugin.state.endpoint is not None
+    host, _, port = plugin.state.endpoint.address.rpartition(":")
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(probes.MAX_CONNECTIONS)]
+    extra_reader, extra_writer = await asyncio.open_connection(host, int(port))
+    async with asyncio.timeout(5):
+        assert await extra_reader.read() == b""  # closed without an answer
+    extra_writer.close()
+    for reader, writer in held:
+        writer.write_eof()  # an incomplete request: answered 400, then closed
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 400")
+        writer.close()
+    assert (await status(plugin, "/healthz"))[0] == 200
+    resp = await plugin.k.allocate(RESOURCE_GPU, [plugin.k.devices(RESOURCE_GPU)[0].id])
+    assert len(resp.container_responses) == 1

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,20 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiodp import server, topology
-from aiodp.config import Config
+from aiodp import server
 from aiodp.devices import DeviceRegistry, Resource
-from tests.builders import gpu
+from tests.builders import Fixed, gpu
 
 METHODS = ("GetDevicePluginOptions", "Allocate", "GetPreferredAllocation", "PreStartContainer")
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
-
-
-@dataclass(frozen=True)
-class _Settings:
-    config: Config = field(default_factory=Config)
-    topo: topology.Topology = field(default_factory=topology.Topology)
-    control_paths: tuple[str, ...] = ()
 
 
 class _Tracebacks(logging.Handler):
@@ -68,7 +60,7 @@ def served() -> Iterator[Served]:
     async def run() -> None:
         devices = [gpu(i, numa_node=0) for i in range(4)]
         service = server.DevicePluginService(
-            Resource("nvidia.com/gpu"), DeviceRegistry(devices), _Settings
+            Resource("nvidia.com/gpu"), DeviceRegistry(devices), Fixed
         )
         async with server.serve(service, path, shutdown_timeout=1):
             up.set()

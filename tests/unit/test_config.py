@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,17 @@ def test_config_shutdown_timeout() -> None:
     assert config.resolve([], {"AIODP_SHUTDOWN_TIMEOUT": "3"}).shutdown_timeout == 3
     with pytest.raises(ConfigError, match="--shutdown-timeout: invalid value '0'"):
         config.resolve(["--shutdown-timeout", "0"], {})
+
+
+@pytest.mark.parametrize("flag", ["--nvidia-dev-root", "--nvidia-driver-root", "--mps-root"])
+@pytest.mark.parametrize("value", ["relative/root", "/host/../etc", "/host/./dev", "//host"])
+def test_config_host_roots_must_be_absolute_and_normalised(flag: str, value: str) -> None:
+    """These go into the runtime's host paths: `/host/../etc` would hand out /etc."""
+    with pytest.raises(ConfigError, match=f"{flag}: invalid value '{re.escape(value)}'"):
+        config.resolve([flag, value], {})
+
+
+def test_config_host_roots_accepted() -> None:
+    c = config.resolve(["--nvidia-dev-root", "/run/nvidia/driver/"], {})
+    assert c.dev_root == Path("/run/nvidia/driver")
+    assert config.resolve(["--nvidia-driver-root", "/"], {}).dev_root == Path("/")

@@ -14,6 +14,7 @@ from grpclib.client import Channel
 from aiodp import _grpclib, server
 from aiodp.api import v1beta1 as api
 from aiodp.devices import DeviceRegistry, Resource
+from tests.builders import Fixed
 from tests.grpcio_stubs import api_pb2, api_pb2_grpc
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -21,7 +22,7 @@ SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
 
 
 def service() -> server.DevicePluginService:
-    return server.DevicePluginService(Resource("nvidia.com/gpu"), DeviceRegistry(), lambda: None)  # type: ignore[arg-type,return-value]
+    return server.DevicePluginService(Resource("nvidia.com/gpu"), DeviceRegistry(), Fixed)
 
 
 async def test_grpclib_serve_exit_disconnects_a_connected_client(short_dir: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from aiodp import _grpclib, server
 from aiodp.devices import DeviceRegistry, Resource
+from tests.builders import Fixed
 from tests.grpcio_stubs import api_pb2, api_pb2_grpc
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -35,7 +36,7 @@ HEADERS = [
 
 
 def service() -> server.DevicePluginService:
-    return server.DevicePluginService(Resource("nvidia.com/gpu"), DeviceRegistry(), lambda: None)  # type: ignore[arg-type,return-value]
+    return server.DevicePluginService(Resource("nvidia.com/gpu"), DeviceRegistry(), Fixed)
 
 
 @pytest.fixture

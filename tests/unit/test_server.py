@@ -14,7 +14,7 @@ from aiodp import server, topology
 from aiodp.api import v1beta1 as api
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry, Health, Resource
-from tests.builders import gpu, replica, set_health, to_api
+from tests.builders import Fixed, gpu, replica, set_health, to_api
 
 RES = "nvidia.com/gpu"
 
@@ -27,15 +27,6 @@ def service(**options: object) -> server.DevicePluginService:
     topo = topology.build([(d.uuid, int(d.index), d.numa_node) for d in devs])
     fixed = Fixed(dataclasses.replace(Config(), **options), topo)  # type: ignore[arg-type]
     return server.DevicePluginService(Resource(RES), reg, lambda: fixed)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fixed:
-    """Settings that never change (the plugin reads reload.Live)."""
-
-    config: Config
-    topo: topology.Topology
-    control_paths: tuple[str, ...] = ()
 
 
 async def test_server_options_match_registration() -> None:
