@@ -9,7 +9,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test e2e unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,8 +25,14 @@ install: $(STAMP) ## create .venv and install aiodp with all extras (editable)
 run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kubelet stand-in
 	$(BIN)/python -m aiodp demo
 
-test: lint proto-check ## everything CI runs: lint, proto-check, unit, property, integration and chart tests
-	$(BIN)/python -m pytest -q --cov --cov-report=term
+test: lint proto-check ## lint, proto-check, unit, property, integration and chart tests (no Go)
+	$(BIN)/python -m pytest -q --ignore=tests/e2e --cov --cov-report=term
+
+e2e: $(STAMP) ## build the kubelet's device manager, kube-apiserver, etcd (Go, cached) and test against them
+	bash tests/e2e/build.sh
+	@report=$$(mktemp) && \
+	AIODP_E2E_REPORT=$$report $(BIN)/python -m pytest -q tests/e2e; rc=$$?; \
+	echo; echo "e2e figures:"; cat $$report; rm -f $$report; exit $$rc
 
 unit: $(STAMP) ## unit and property tests only
 	$(BIN)/python -m pytest -q tests/unit tests/property

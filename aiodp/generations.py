@@ -167,19 +167,36 @@ async def _generation(
             raise _Restart(reason)
         service.expect_kubelet()  # the next attempt's dial-back is the one that counts
 
+    restarted: list[str] = []
+
+    async def registering() -> None:
+        try:
+            await reg.register(
+                config.kubelet_socket,
+                plugin.path.name,
+                service.resource,
+                server.OPTIONS,
+                call_timeout=config.register_timeout,
+                delays=config.register_backoff,
+                sleep=sleep,
+            )
+        except _Restart as e:
+            restarted.append(str(e))
+
     service.expect_kubelet()
-    try:
-        await reg.register(
-            config.kubelet_socket,
-            plugin.path.name,
-            service.resource,
-            server.OPTIONS,
-            call_timeout=config.register_timeout,
-            delays=config.register_backoff,
-            sleep=sleep,
-        )
-    except _Restart as e:
-        return str(e)
+    # A Register in flight is abandoned when kubelet.sock changes: the kubelet it went to
+    # (one that accepted but never answered, say) is gone.
+    first = await aiokit.first_of(
+        {
+            "registered": registering(),
+            "changed": mark.dw.wait(lambda: why_redo() is not None),
+            "retired": retire.wait(),
+        }
+    )
+    if first != "registered":
+        return why_redo() or RETIRED
+    if restarted:
+        return restarted[0]
     service.kubelet_registered()
     reason = why_redo()
     if reason is not None:

@@ -14,6 +14,7 @@ from typing import Final
 
 from grpclib import GRPCError
 from grpclib.client import Channel
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 from aiodp import metrics, retry
 from aiodp.api.v1beta1 import DevicePluginOptions, RegisterRequest, RegistrationStub
@@ -35,6 +36,8 @@ TRANSIENT: Final[tuple[type[BaseException], ...]] = (
     TimeoutError,
     GRPCError,  # the kubelet answers UNKNOWN for a bad name and for a failed dial-back
     ConnectionError,
+    StreamTerminatedError,  # the kubelet went away mid-call (it accepted, then closed)
+    ProtocolError,  # whatever answered on kubelet.sock spoke no proper HTTP/2
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +43,7 @@ class Status:
         self._reloads: list[str] = []
         self._kubelet: KubeletId | None = None
         self._applied = -1
+        self._accepted_at: list[float] = []
         self._started: list[str] = []
 
     # -- reading ----------------------------------------------------------------------------
@@ -90,6 +92,11 @@ class Status:
     def live(self) -> Live | None:
         """What the plugin serves now (read from the one live holder)."""
         return self._holder.current() if self._holder is not None else None
+
+    @property
+    def accepted_at(self) -> tuple[float, ...]:
+        """Wall-clock time of each accepted registration (for figures, not decisions)."""
+        return tuple(self._accepted_at)
 
     @property
     def applied(self) -> int:
@@ -182,6 +189,7 @@ class Status:
             metrics.observe_kubelet_restart()  # kubelet.sock is another file than last time
         self._kubelet = kubelet
         self._registrations += 1
+        self._accepted_at.append(time.time())
         self._registered.add(resource)
         if self.registered:
             self.ready.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -94,3 +95,36 @@ async def test_registration_refusal_with_fds_to_spare_blames_no_fds(
         await srv.wait_closed()
     assert "out of file descriptors" not in caplog.text
     assert "kubelet refused registration of nvidia.com/gpu" in caplog.text
+
+
+async def test_registration_kubelet_hanging_up_mid_call_is_retried(short_dir: Path) -> None:
+    """Something on kubelet.sock accepts and hangs up (StreamTerminatedError in grpclib):
+    transient, retried; it used to end the plugin."""
+    path = short_dir / "kubelet.sock"
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    rude = await asyncio.start_unix_server(hang_up, path=str(path))
+    kubelet = _Kubelet()
+    srv = grpclib.server.Server([kubelet])
+    pauses: list[float] = []
+
+    async def sleep(pause: float) -> None:
+        pauses.append(pause)
+        rude.close()
+        await rude.wait_closed()
+        path.unlink(missing_ok=True)
+        await srv.start(path=str(path))
+
+    try:
+        await registration.register(
+            path, "aiodp-x.sock", "nvidia.com/gpu", server.OPTIONS,
+            call_timeout=5, delays=(0.01,), sleep=sleep,
+        )  # fmt: skip
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert len(pauses) == 1  # one backoff wait (jittered), then the real kubelet answered
+    assert len(kubelet.requests) == 1

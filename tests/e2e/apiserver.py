@@ -1,0 +1,142 @@
+"""A real kube-apiserver with etcd on 127.0.0.1, built by tests/e2e/build.sh, for e2e tests.
+
+`ApiServer` starts both (free loopback ports, a temporary data directory, a static admin
+token, a self-signed serving certificate), waits for /readyz, and stops both after. `call()`
+is a tiny JSON client over HTTPS for the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.peer import CACHE
+
+TOKEN = "aiodp-e2e-admin-token"
+
+
+def _binary(name: str) -> Path:
+    found = sorted((CACHE / "bin").glob(f"{name}-v*"))
+    if not found:
+        raise RuntimeError(f"no {name} under {CACHE / 'bin'}: run tests/e2e/build.sh")
+    return found[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ApiServer:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._procs: list[asyncio.subprocess.Process] = []
+        self._tls = ssl.create_default_context()
+        self._tls.check_hostname = False
+        self._tls.verify_mode = ssl.CERT_NONE  # its own self-signed certificate, on loopback
+
+    async def __aenter__(self) -> ApiServer:
+        d = self.directory
+        client, peer = _free_port(), _free_port()
+        etcd_url = f"http://127.0.0.1:{client}"
+        self._procs.append(
+            await self._spawn(
+                "etcd",
+                "--name=e2e", f"--data-dir={d / 'etcd'}",
+                f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=e2e=http://127.0.0.1:{peer}",
+            )
+        )  # fmt: skip
+        key = d / "sa.key"
+        openssl = await asyncio.create_subprocess_exec(
+            "openssl", "genrsa", "-out", str(key), "2048", stderr=subprocess.DEVNULL
+        )
+        if await openssl.wait() != 0:
+            raise RuntimeError("openssl could not make the service-account key")
+        tokens = d / "tokens.csv"
+        tokens.write_text(f'{TOKEN},admin,admin-uid,"system:masters"\n')
+        self._procs.append(
+            await self._spawn(
+                "kube-apiserver",
+                f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1",
+                f"--secure-port={self.port}", f"--cert-dir={d / 'certs'}",
+                f"--token-auth-file={tokens}", "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+            )
+        )  # fmt: skip
+        await self._ready()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in reversed(self._procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    async def _spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
+        with (self.directory / f"{name}.log").open("wb") as log:  # the child keeps its own fd
+            return await asyncio.create_subprocess_exec(
+                str(_binary(name)), *args, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    async def _ready(self) -> None:
+        """Until /readyz answers 200 (etcd up, the apiserver's post-start hooks done)."""
+        async with asyncio.timeout(120):
+            while True:
+                for proc in self._procs:
+                    if proc.returncode is not None:
+                        raise RuntimeError(self._log_tail(proc))
+                try:
+                    status, _ = await self.call("GET", "/readyz")
+                    if status == 200:
+                        return
+                except OSError:
+                    pass
+                await asyncio.sleep(0.2)  # an external process starting: poll its readiness
+
+    def _log_tail(self, proc: asyncio.subprocess.Process) -> str:
+        logs = [p.read_text(errors="replace")[-1500:] for p in self.directory.glob("*.log")]
+        return f"exited with {proc.returncode}:\n" + "\n".join(logs)
+
+    async def call(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> tuple[int, Any]:
+        return await asyncio.to_thread(self._call, method, path, body, content_type)
+
+    def _call(self, method: str, path: str, body: Any, content_type: str) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {TOKEN}")
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, context=self._tls, timeout=10) as resp:
+                raw = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
