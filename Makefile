@@ -9,7 +9,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test e2e unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +27,9 @@ run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kube
 
 test: lint proto-check ## lint, proto-check, unit, property, integration and chart tests (no Go)
 	$(BIN)/python -m pytest -q --ignore=tests/e2e --cov --cov-report=term
+
+chaos: $(STAMP) ## attacks and normal-use runs at full size on a plugin process: one table (<= 10 min)
+	$(BIN)/python -m tests.chaos
 
 e2e: $(STAMP) ## build the kubelet's device manager, kube-apiserver, etcd (Go, cached) and test against them
 	bash tests/e2e/build.sh

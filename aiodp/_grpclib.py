@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import grpclib.server
+import h2.connection
 from grpclib.encoding.base import CodecBase
 from grpclib.protocol import H2Protocol
 
@@ -72,6 +73,13 @@ def _check_classes() -> None:
 
 _check_classes()
 
+MAX_CLOSED_STREAMS: Final = 512
+"""Closed streams h2 remembers per connection (to tell a late frame from a bad one). h2 keeps
+65,536 by default, ~100 bytes each: a long-lived connection grew by 7 MiB over 65k calls,
+and 32 busy connections could pass the chart's 192 MiB. The kubelet's calls are sequential:
+a frame late by 512 streams does not happen."""
+h2.connection.H2Connection.MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
+
 
 def current_connection() -> object | None:
     """The connection the running request arrived on (inside a handler), else None."""
@@ -91,9 +99,10 @@ class Limits:
     max_message_bytes: int = 4 << 20
     """DATA bytes one request stream may send (grpc-go's default receive limit)."""
     max_resets: int = 200
-    """RST_STREAM frames a connection may send in a burst..."""
+    """Streams a connection may cancel while we still serve them, in a burst..."""
     resets_per_second: float = 20.0
-    """...refilled at this rate: a reset flood (CVE-2023-44487) gets a GOAWAY."""
+    """...refilled at this rate: a rapid reset (CVE-2023-44487) gets a GOAWAY. A reset of a
+    stream already answered (clients tidy up so) does not count."""
     max_streams: int = 1000
     """Request streams with DATA still coming, per connection."""
 
@@ -110,9 +119,28 @@ class _Frames:
         self._tokens = float(limits.max_resets)
         self._refilled = now
         self._data: dict[int, int] = {}
+        self.resets: list[tuple[int, int]] = []
+        """RST_STREAM frames in the last `feed()`: (offset in its data, stream id)."""
+
+    def reset_in_flight(self, now: float) -> bool:
+        """Count the peer cancelling a stream we were still serving; False once that
+        happened more than `max_resets` times in a burst (`resets_per_second` refill)."""
+        limits = self.limits
+        self._tokens = min(
+            float(limits.max_resets),
+            self._tokens + (now - self._refilled) * limits.resets_per_second,
+        )
+        self._refilled = now
+        self._tokens -= 1
+        return self._tokens >= 0
 
     def feed(self, data: bytes, now: float) -> tuple[int, str] | None:
-        """Account for `data`; (GOAWAY error code, reason) when the peer broke a limit."""
+        """Account for `data`; (GOAWAY error code, reason) when the peer broke a limit.
+
+        The offsets of RST_STREAM frames in `data` are left in `resets` as (offset, stream):
+        whether a reset counts depends on whether its stream is still being served.
+        """
+        self.resets = []
         i, n = 0, len(data)
         if self._preface:
             take = min(self._preface, n)
@@ -130,6 +158,9 @@ class _Frames:
             if len(self._head) < 9:
                 break
             head, self._head = self._head, b""
+            if head[3] == RST_STREAM:
+                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                self.resets.append((max(i - 9, 0), stream))
             problem = self._frame(head, now)
             if problem is not None:
                 return problem
@@ -147,14 +178,6 @@ class _Frames:
             self.last_stream = max(self.last_stream, stream)
         elif kind == RST_STREAM:
             self._data.pop(stream, None)
-            self._tokens = min(
-                float(limits.max_resets),
-                self._tokens + (now - self._refilled) * limits.resets_per_second,
-            )
-            self._refilled = now
-            self._tokens -= 1
-            if self._tokens < 0:
-                return ENHANCE_YOUR_CALM, "a flood of stream resets"
         elif kind == DATA and stream:
             sent = self._data.get(stream, 0) + length
             if sent > limits.max_message_bytes:
@@ -218,7 +241,19 @@ class _Guard(asyncio.Protocol):
             return
         token = _CONNECTION.set(self)
         try:
-            self.inner.data_received(data)
+            done = 0
+            for offset, stream in self._frames.resets:
+                # feed up to the reset, then see whether it cancels work in flight (a rapid
+                # reset); a reset of a stream already answered is a client's normal tidy-up
+                if offset > done:
+                    self.inner.data_received(data[done:offset])
+                    done = offset
+                if stream in self._streams() and not self._frames.reset_in_flight(now):
+                    log.warning("closing a connection that sent a flood of stream resets")
+                    self.close(ENHANCE_YOUR_CALM)
+                    return
+            if done < len(data) and not self.closed:
+                self.inner.data_received(data[done:] if done else data)
         finally:
             _CONNECTION.reset(token)
 
@@ -241,9 +276,13 @@ class _Guard(asyncio.Protocol):
         if self._admitted:
             self.inner.resume_writing()
 
-    def open_streams(self) -> int:
+    def _streams(self) -> dict[int, Any]:
+        """grpclib's streams being served on this connection, by stream id."""
         processor = getattr(self.inner, "processor", None)  # set by connection_made
-        return len(_require(processor, "streams")) if processor is not None else 0
+        return _require(processor, "streams") if processor is not None else {}
+
+    def open_streams(self) -> int:
+        return len(self._streams())
 
     def _arm(self) -> None:
         self._timer = self._loop.call_at(

@@ -236,6 +236,8 @@ async def _serve(
             ]
         )
         stack.callback(metrics.set_device_source, None)
+        metrics.set_task_source(lambda: len(asyncio.all_tasks()))
+        stack.callback(metrics.set_task_source, None)
         holder = reload.Holder(live)
         tracker = health.HealthTracker(
             registry, recovery_period=config.health_recovery_period, policy=config.health_policy

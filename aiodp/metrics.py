@@ -19,6 +19,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -155,6 +156,31 @@ class _Devices(Collector):
 
 
 REGISTRY.register(_Devices())
+ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, ...
+
+_task_source: Callable[[], int] | None = None
+
+
+class _Tasks(Collector):
+    """aiodp_asyncio_tasks: tasks alive in the plugin's loop (flat in a healthy plugin)."""
+
+    def collect(self) -> Iterator[Metric]:
+        if _task_source is not None:
+            yield GaugeMetricFamily(
+                "aiodp_asyncio_tasks", "asyncio tasks alive in the event loop.", _task_source()
+            )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+REGISTRY.register(_Tasks())
+
+
+def set_task_source(source: Callable[[], int] | None) -> None:
+    """How many tasks are alive (the running loop's count)."""
+    global _task_source
+    _task_source = source
 
 
 def set_device_source(source: Callable[[], Iterable[DeviceRow]] | None) -> None:

@@ -92,3 +92,21 @@ def test_grpclib_private_names_only_in_the_fence() -> None:
             if private.search(line):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert offenders == []
+
+
+async def test_grpclib_closed_streams_are_bounded_per_connection(short_dir: Path) -> None:
+    """h2 remembers 65,536 closed streams per connection by default (~7 MiB on a long-lived
+    one); ours remembers 512, so a busy connection's memory stays flat."""
+    path = short_dir / "p.sock"
+    async with (
+        server.serve(service(), path, shutdown_timeout=2) as plugin,
+        grpc.aio.insecure_channel(
+            f"unix://{path}", options=[("grpc.default_authority", "localhost")]
+        ) as channel,
+    ):
+        stub = api_pb2_grpc.DevicePluginStub(channel)
+        for _ in range(1500):
+            await stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
+        (guard,) = plugin._server.guards
+        remembered = guard.inner.connection._connection._closed_streams  # h2's own record
+        assert 0 < len(remembered) <= _grpclib.MAX_CLOSED_STREAMS

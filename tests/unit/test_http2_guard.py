@@ -162,3 +162,33 @@ async def test_guard_connections_are_capped(plugin: server.PluginServer) -> None
     extra_writer.close()
     for _, w in held:
         w.close()
+
+
+async def test_guard_resets_of_answered_streams_do_not_count(
+    plugin: server.PluginServer,
+) -> None:
+    """A client that resets each stream after its answer (tidying up, as some do) is a
+    normal client: 400 such resets in a row do not get it cut off."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    reader, writer = await connect(plugin.path)
+    writer.write(conn.data_to_send())
+    empty = b"\x00\x00\x00\x00\x00"  # a gRPC message: not compressed, 0 bytes (Empty)
+    for i in range(400):
+        stream = 1 + 2 * i
+        conn.send_headers(stream, HEADERS)
+        conn.send_data(stream, empty, end_stream=True)
+        writer.write(conn.data_to_send())
+        ended = False
+        async with asyncio.timeout(5):
+            while not ended:
+                chunk = await reader.read(65536)
+                assert chunk, f"the connection was closed after {i} calls"
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                        ended = True
+                writer.write(conn.data_to_send())
+        rst = b"\x00\x00\x04\x03\x00" + stream.to_bytes(4, "big") + b"\x00\x00\x00\x08"
+        writer.write(rst)  # RST_STREAM(CANCEL) of a stream already answered
+    assert plugin.connections == 1
+    writer.close()
