@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from aiodp.fakekubelet import FakeKubelet, Update
+
+log = logging.getLogger(__name__)
 
 GPUS: Final = 8
 
