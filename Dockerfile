@@ -11,7 +11,7 @@ ENV PIP_NO_INDEX=${PIP_NO_INDEX} \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY aiodp ./aiodp
 COPY wheelhouse ./wheelhouse
 RUN python3 -m venv /opt/aiodp \
@@ -22,13 +22,16 @@ RUN python3 -m venv /opt/aiodp \
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
+ARG COMMIT=unknown
 LABEL org.opencontainers.image.title="aiodp" \
       org.opencontainers.image.description="asyncio-native Kubernetes device plugin for NVIDIA GPUs" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/aiodp/aiodp"
 COPY --from=build /opt/aiodp /opt/aiodp
-ENV PATH=/opt/aiodp/bin:$PATH \
+COPY LICENSE /usr/share/doc/aiodp/LICENSE
+ENV AIODP_COMMIT=${COMMIT} \
+    PATH=/opt/aiodp/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 ENTRYPOINT ["python", "-m", "aiodp"]

@@ -87,7 +87,8 @@ helm-lint: $(STAMP) ## lint and render the chart (Helm SDK), validate it against
 image: $(STAMP) ## hadolint the Dockerfile, then build the image (needs a Docker engine)
 	$(BIN)/hadolint Dockerfile
 	mkdir -p wheelhouse
-	docker build -t aiodp:$$($(BIN)/python -c 'import aiodp; print(aiodp.__version__)') .
+	v=$$($(BIN)/python -c 'import aiodp; print(aiodp.__version__)') && \
+	docker build --build-arg VERSION=$$v --build-arg COMMIT=$$(git rev-parse --short=12 HEAD) -t aiodp:$$v .
 
 image-test: wheels-image ## prove the image offline: own dockerd, debootstrap base, --network=none build, demo inside
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/image-test.sh

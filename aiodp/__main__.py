@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import aiodp
 from aiodp import app, config, demo, logs
 from aiodp.errors import ConfigError
 
@@ -22,9 +25,30 @@ def _run(coro: object) -> int:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
+def version_line() -> str:
+    """`aiodp <version> (commit <sha>)`: the commit from AIODP_COMMIT (set in the image) or
+    from the source checkout, when there is one."""
+    commit = os.environ.get("AIODP_COMMIT", "")
+    if not commit:
+        here = Path(__file__).resolve().parent.parent
+        if (here / ".git").exists():
+            try:
+                commit = subprocess.run(
+                    ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                    capture_output=True, text=True, timeout=5, check=True,
+                ).stdout.strip()  # fmt: skip
+            except (OSError, subprocess.SubprocessError):
+                commit = ""
+    return f"aiodp {aiodp.__version__} (commit {commit or 'unknown'})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in args:
+        print(version_line())  # noqa: T201 - the command's answer
+        return 0
     try:
-        cfg = config.resolve(sys.argv[1:] if argv is None else argv, os.environ)
+        cfg = config.resolve(args, os.environ)
     except ConfigError as e:
         logs.configure()
         log.error("%s", e)

@@ -16,10 +16,11 @@ from typing import Final
 from aiodp import topology
 from aiodp.api.v1beta1 import CdiDevice, ContainerAllocateResponse, DeviceSpec, Mount
 from aiodp.config import AllocationPolicy, Config
-from aiodp.devices import Device, Health, Inventory, Kind, Resource
+from aiodp.devices import Device, Health, Inventory, Kind, Resource, imex_channel_path
 from aiodp.errors import InvalidRequest, UnhealthyDevice, UnknownDevice, cut_text
 
 VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
+IMEX_CHANNELS: Final = "NVIDIA_IMEX_CHANNELS"
 CDI_KEY_NAMESPACE: Final = uuid.UUID("6f1d2e0a-5c1b-4e8f-9a51-61a0d90c0a51")
 VOLUME_MOUNT_DIR: Final = "/var/run/nvidia-container-devices"
 CDI_STRATEGIES: Final = frozenset({"cdi-annotations", "cdi-cri"})
@@ -116,8 +117,11 @@ def build_response(
     resource: Resource,
     config: Config,
     control_paths: Sequence[str] = (),
+    imex_channels: Sequence[int] = (),
 ) -> ContainerAllocateResponse:
-    """The answer for one container request; the same request gives the same answer."""
+    """The answer for one container request; the same request gives the same answer.
+
+    `imex_channels` are the configured IMEX channels whose device nodes exist."""
     devices = resolve_ids(ids, inventory, resource.name)
     if (
         resource.fail_requests_greater_than_one
@@ -131,7 +135,9 @@ def build_response(
     visible = visible_ids(devices, config)
     strategies = config.device_list_strategy
     resp = ContainerAllocateResponse()
+    vendor = config.cdi_kind.partition("/")[0]
     cdi_names = [f"{config.cdi_kind}={v}" for v in visible]
+    cdi_names += [f"{vendor}/imex-channel={c}" for c in imex_channels]
     if "cdi-annotations" in strategies:
         key = cdi_annotation_key(config.cdi_annotation_prefix, resource.name, visible)
         resp.annotations[key] = ",".join(cdi_names)
@@ -139,19 +145,33 @@ def build_response(
         resp.cdi_devices = [CdiDevice(name=n) for n in cdi_names]
     if resource.sharing == "mps":
         _add_mps(resp, resource, devices, config)
+    for enabled, name in (
+        (config.gdrcopy_enabled, "NVIDIA_GDRCOPY"),
+        (config.gds_enabled, "NVIDIA_GDS"),
+        (config.mofed_enabled, "NVIDIA_MOFED"),
+    ):
+        if enabled:
+            resp.envs[name] = "enabled"
     if set(strategies) <= CDI_STRATEGIES:
         return resp
     if "envvar" in strategies:
         resp.envs[VISIBLE_DEVICES] = ",".join(visible)
+        if imex_channels:
+            resp.envs[IMEX_CHANNELS] = ",".join(str(c) for c in imex_channels)
     if "volume-mounts" in strategies:
         resp.envs[VISIBLE_DEVICES] = VOLUME_MOUNT_DIR
         resp.mounts.extend(
             Mount(container_path=f"{VOLUME_MOUNT_DIR}/{v}", host_path="/dev/null") for v in visible
         )
+        resp.mounts.extend(
+            Mount(container_path=f"{VOLUME_MOUNT_DIR}/imex/{c}", host_path="/dev/null")
+            for c in imex_channels
+        )
     if config.pass_device_specs:
         paths = list(control_paths)
         for d in devices:
             paths.extend(d.paths)
+        paths.extend(imex_channel_path(c) for c in imex_channels)
         root = str(config.dev_root).rstrip("/")
         resp.devices = [
             DeviceSpec(container_path=p, host_path=root + p, permissions="rw")

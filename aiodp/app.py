@@ -27,11 +27,13 @@ import signal
 from collections.abc import Coroutine, Iterator
 from typing import Any, NoReturn
 
+import aiodp
+from aiodp import config as cfg
 from aiodp import generations, health, metrics, probes, reload, retry
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry
-from aiodp.errors import BackendUnavailable, ConfigError
+from aiodp.errors import BackendUnavailable, ConfigError, ListenError
 from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
 from aiodp.status import Status
@@ -58,6 +60,7 @@ async def main(
     status = status or Status()
     hup = asyncio.Event()
     code = 0
+    log.info("aiodp %s running with %s", aiodp.__version__, cfg.effective(config))
     try:
         with _signals(stop, hup, status):
             await _run(config, backend, stop, status, hup)
@@ -66,6 +69,10 @@ async def main(
     except* BackendUnavailable as unavailable:
         for problem in unavailable.exceptions:
             log.error("cannot start the device backend: %s", problem)
+        code = 1
+    except* ListenError as listen_errors:
+        for refused in listen_errors.exceptions:
+            log.error("%s", refused)
         code = 1
     except* ConfigError as config_errors:
         for e in config_errors.exceptions:
@@ -223,6 +230,8 @@ async def _serve(
         )
         for ignored in config.ignored:
             log.info("config file: %s is accepted and ignored by aiodp", ignored)
+        for note in config.notes:
+            log.warning("%s", note)
         registry = DeviceRegistry(live.plan.devices)
         metrics.set_device_source(
             lambda: [

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, Self
 
-from aiodp.devices import Health
+from aiodp.devices import Health, imex_channel_path
 from aiodp.errors import BackendError
 from aiodp.topology import Topology
 
@@ -21,6 +21,7 @@ __all__ = [
     "MigInfo",
     "Probe",
     "control_paths",
+    "imex_channels",
 ]
 
 CONTROL_PATHS: Final = (
@@ -30,6 +31,11 @@ CONTROL_PATHS: Final = (
     "/dev/nvidia-modeset",
 )
 """The driver's shared control nodes a container may need, as NVIDIA's plugin lists them."""
+
+
+def imex_channels(dev_root: Path, wanted: Sequence[int]) -> tuple[int, ...]:
+    """The wanted IMEX channels whose device nodes exist under `dev_root`; blocking."""
+    return tuple(c for c in wanted if os.path.exists(dev_root / imex_channel_path(c).lstrip("/")))
 
 
 def control_paths(dev_root: Path) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Final, Literal, NoReturn, TypeVar, cast
 
 from aiodp import configfile
-from aiodp.errors import ConfigError, cut
+from aiodp.errors import ConfigError, cut, cut_text
 
 RESOURCE_GPU: Final = "nvidia.com/gpu"
 DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
@@ -66,38 +66,41 @@ class HealthPolicy:
         return self.xids or bool(self.enabled_xids)
 
 
-def _xid_list(value: str) -> frozenset[int]:
-    out = set()
-    for item in value.split(","):
-        item = item.strip()
+ALL_XIDS: Final = frozenset(range(1, 1024))
+"""`DP_ENABLE_HEALTHCHECKS=all`: every XID acts (XIDs are small numbers)."""
+
+
+def _xid_items(name: str, value: str | None, notes: list[str]) -> tuple[set[str], set[int]]:
+    """NVIDIA's parsing: comma items, `all` and `xids` as words, numbers as XIDs; a
+    malformed item is ignored with a note (logged once at start), never an error."""
+    words: set[str] = set()
+    xids: set[int] = set()
+    for raw in (value or "").split(","):
+        item = raw.strip().lower()
         if not item:
             continue
-        if not item.isdigit():
-            raise ValueError(f"{cut(item)} is not an XID number")
-        out.add(int(item))
-    return frozenset(out)
+        if item in ("all", "xids"):
+            words.add(item)
+        elif item.isdigit():
+            xids.add(int(item))
+        else:
+            notes.append(f"{name}: ignoring the malformed item {cut(raw.strip())}")
+    return words, xids
 
 
-def health_policy(disable: str | None, enable: str | None) -> HealthPolicy:
-    """NVIDIA's two environment variables as one policy; raises ConfigError on bad values."""
-    probes, xids, ignored = True, True, DEFAULT_IGNORED_XIDS
-    d = (disable or "").strip().lower()
-    if d == "all":
-        probes, xids = False, False
-    elif d == "xids":
-        xids = False
-    elif d:
-        try:
-            ignored = ignored | _xid_list(d)
-        except ValueError as e:
-            raise ConfigError(
-                f"DP_DISABLE_HEALTHCHECKS: invalid value {cut(disable)}: {e}"
-            ) from None
-    try:
-        enabled = _xid_list(enable or "")
-    except ValueError as e:
-        raise ConfigError(f"DP_ENABLE_HEALTHCHECKS: invalid value {cut(enable)}: {e}") from None
-    return HealthPolicy(probes=probes, xids=xids, ignored_xids=ignored, enabled_xids=enabled)
+def health_policy(
+    disable: str | None, enable: str | None, notes: list[str] | None = None
+) -> HealthPolicy:
+    """NVIDIA's two environment variables as one policy; like NVIDIA's, never an error."""
+    notes = [] if notes is None else notes
+    d_words, d_xids = _xid_items("DP_DISABLE_HEALTHCHECKS", disable, notes)
+    e_words, e_xids = _xid_items("DP_ENABLE_HEALTHCHECKS", enable, notes)
+    return HealthPolicy(
+        probes="all" not in d_words,
+        xids=not d_words,
+        ignored_xids=DEFAULT_IGNORED_XIDS | d_xids,
+        enabled_xids=ALL_XIDS if "all" in e_words else frozenset(e_xids),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,6 +158,31 @@ class Config:
     """Where /proc is: MIG capability device minors are read under driver/nvidia/."""
     sys_root: Path = Path("/sys")
     """Where /sys is: a GPU's NUMA node is read from bus/pci/devices/<bdf>/numa_node."""
+    gdrcopy_enabled: bool = False
+    """NVIDIA_GDRCOPY=enabled in every Allocate answer (NVIDIA's --gdrcopy-enabled)."""
+    gds_enabled: bool = False
+    """NVIDIA_GDS=enabled in every Allocate answer."""
+    mofed_enabled: bool = False
+    """NVIDIA_MOFED=enabled in every Allocate answer."""
+    imex_channel_ids: tuple[int, ...] = ()
+    """IMEX channels handed to every container (NVIDIA allows none or channel 0)."""
+    imex_required: bool = False
+    """Exit at start when a configured IMEX channel's device node is missing."""
+    device_discovery_strategy: Literal["auto", "nvml", "tegra"] = "auto"
+    """How NVIDIA's plugin finds GPUs; aiodp uses NVML, and refuses tegra (exit 2)."""
+    container_driver_root: Path = Path("/driver-root")
+    """Where the host driver root is mounted in this container (NVIDIA's chart mounts it);
+    accepted for compatibility, aiodp reads device nodes under --nvidia-dev-root."""
+    nvidia_cdi_hook_path: Path = Path("/usr/bin/nvidia-ctk")
+    """nvidia-cdi-hook for a generated CDI spec; accepted, aiodp generates no spec."""
+    cdi_feature_flags: tuple[str, ...] = ()
+    """NVIDIA's CDI generation feature flags; accepted, aiodp generates no spec."""
+    cdi_disable_hooks: tuple[str, ...] = ()
+    """OCI hooks left out of a generated CDI spec; accepted, aiodp generates no spec."""
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    """Where each setting came from: the flag, the variable, the config file key, default."""
+    """What the settings made aiodp do differently or ignore: logged once at start."""
     max_file_bytes: int = configfile.MAX_FILE_BYTES
     """Largest config or simulated-devices file read (bytes): real ones are a few KiB, and a
     huge one must not stall or bloat the plugin."""
@@ -216,9 +244,44 @@ def _parser() -> _Parser:
     add("--device-id-strategy", help="uuid|index (DEVICE_ID_STRATEGY) [uuid]")
     add(
         "--device-list-strategy",
-        help="comma list of envvar, volume-mounts, cdi-annotations, "
-        "cdi-cri (DEVICE_LIST_STRATEGY) [envvar]",
+        action="append",
+        help="comma list of envvar, volume-mounts, cdi-annotations, cdi-cri; "
+        "repeat to add more (DEVICE_LIST_STRATEGY) [envvar]",
     )
+    add(
+        "--gdrcopy-enabled",
+        nargs="?",
+        const="true",
+        help="NVIDIA_GDRCOPY=enabled (GDRCOPY_ENABLED)",
+    )
+    add("--gds-enabled", nargs="?", const="true", help="NVIDIA_GDS=enabled (GDS_ENABLED)")
+    add("--mofed-enabled", nargs="?", const="true", help="NVIDIA_MOFED=enabled (MOFED_ENABLED)")
+    add("--imex-channel-ids", help="IMEX channels to inject: empty or 0 (IMEX_CHANNEL_IDS)")
+    add(
+        "--imex-required",
+        nargs="?",
+        const="true",
+        help="exit when an IMEX channel node is missing (IMEX_REQUIRED) [false]",
+    )
+    add(
+        "--device-discovery-strategy",
+        help="auto|nvml|tegra; tegra is not supported (DEVICE_DISCOVERY_STRATEGY) [auto]",
+    )
+    add(
+        "--driver-root-ctr-path",
+        "--container-driver-root",
+        dest="container_driver_root",
+        help="where the driver root is mounted in this container (DRIVER_ROOT_CTR_PATH) "
+        "[/driver-root]",
+    )
+    add(
+        "--nvidia-cdi-hook-path",
+        "--nvidia-ctk-path",
+        dest="nvidia_cdi_hook_path",
+        help="nvidia-cdi-hook for generated CDI specs (NVIDIA_CDI_HOOK_PATH) [/usr/bin/nvidia-ctk]",
+    )
+    add("--cdi-feature-flags", action="append", help="comma list (CDI_FEATURE_FLAGS)")
+    add("--cdi-disable-hooks", action="append", help="comma list, or all (CDI_DISABLE_HOOKS)")
     add(
         "--pass-device-specs",
         nargs="?",
@@ -266,7 +329,7 @@ def _parser() -> _Parser:
     return p
 
 
-_ENV: Final[Mapping[str, str]] = {
+_ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "config_file": "CONFIG_FILE",
     "mig_strategy": "MIG_STRATEGY",
     "shared_devices_allocation_policy": "SHARED_DEVICES_ALLOCATION_POLICY",
@@ -289,6 +352,16 @@ _ENV: Final[Mapping[str, str]] = {
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
     "max_file_bytes": "AIODP_MAX_FILE_BYTES",
+    "gdrcopy_enabled": "GDRCOPY_ENABLED",
+    "gds_enabled": "GDS_ENABLED",
+    "mofed_enabled": "MOFED_ENABLED",
+    "imex_channel_ids": "IMEX_CHANNEL_IDS",
+    "imex_required": "IMEX_REQUIRED",
+    "device_discovery_strategy": "DEVICE_DISCOVERY_STRATEGY",
+    "container_driver_root": ("DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT"),
+    "nvidia_cdi_hook_path": ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"),
+    "cdi_feature_flags": "CDI_FEATURE_FLAGS",
+    "cdi_disable_hooks": "CDI_DISABLE_HOOKS",
 }
 
 
@@ -320,9 +393,9 @@ def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
     v = _text(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
+    if v in ("1", "t", "true", "yes", "on"):  # Go's strconv.ParseBool, and yes/on
         return True
-    if v in ("0", "false", "no", "off"):
+    if v in ("0", "f", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
 
@@ -372,6 +445,27 @@ def _file_bytes(value: object) -> int:
     if not 1024 <= v <= 64 << 20:
         raise ValueError("must be between 1024 and 67108864 bytes")
     return v
+
+
+def _words(value: object) -> tuple[str, ...]:
+    """A comma list (flag, repeated flag, variable) or a YAML list of words."""
+    raw = [_text(v) for v in value] if isinstance(value, list | tuple) else _text(value).split(",")
+    return tuple(dict.fromkeys(w.strip() for w in raw if w.strip()))
+
+
+def _imex_channels(value: object) -> tuple[int, ...]:
+    """NVIDIA accepts no channel or channel 0."""
+    if isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        items = [v for v in _text(value).split(",") if v.strip()]
+    try:
+        ids = tuple(dict.fromkeys(int(str(v).strip()) for v in items))
+    except ValueError:
+        raise ValueError("must be a list of channel numbers") from None
+    if ids not in ((), (0,)):
+        raise ValueError("must be empty or 0 (one IMEX channel per node)")
+    return ids
 
 
 def _address(value: object) -> str:
@@ -437,6 +531,16 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "health_recovery_period": _period,
     "shutdown_timeout": _seconds,
     "max_file_bytes": _file_bytes,
+    "gdrcopy_enabled": parse_bool,
+    "gds_enabled": parse_bool,
+    "mofed_enabled": parse_bool,
+    "imex_channel_ids": _imex_channels,
+    "imex_required": parse_bool,
+    "device_discovery_strategy": _choice(("auto", "nvml", "tegra")),
+    "container_driver_root": _host_root,
+    "nvidia_cdi_hook_path": _path,
+    "cdi_feature_flags": _words,
+    "cdi_disable_hooks": _words,
 }
 
 
@@ -452,26 +556,45 @@ def resolve(
     """
     ns = _parser().parse_args(list(argv))
     overrides: dict[str, object] = {}
-    for key, env in _ENV.items():
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+    for key, envs in _ENV.items():
         raw = getattr(ns, key)
+        if isinstance(raw, list):  # a repeated flag: its values add up, as NVIDIA's do
+            raw = ",".join(raw)
         source = flag_name(key)
-        if raw is None and env in environ:
-            raw, source = environ[env], env
+        for env in (envs,) if isinstance(envs, str) else envs:
+            if raw is None and env in environ:
+                raw, source = environ[env], env
         if raw is None:
             continue
         try:
             overrides[key] = _PARSERS[key](raw)
         except ValueError as e:
             raise ConfigError(f"{source}: invalid value {cut(raw)}: {e}") from None
+        sources[key] = source if source.startswith("--") else f"env {source}"
     overrides["health_policy"] = health_policy(
-        environ.get("DP_DISABLE_HEALTHCHECKS"), environ.get("DP_ENABLE_HEALTHCHECKS")
+        environ.get("DP_DISABLE_HEALTHCHECKS"), environ.get("DP_ENABLE_HEALTHCHECKS"), notes
     )
+    overrides["notes"] = tuple(notes)
     command: Command = ns.command or "serve"
     path = overrides.get("config_file")
     limit = overrides.get("max_file_bytes", configfile.MAX_FILE_BYTES)
     assert isinstance(limit, int)
     file = load(path, read, limit=limit) if isinstance(path, Path) else None
-    return build(overrides, file, command=command)
+    return build(overrides, file, command=command, sources=sources)
+
+
+def effective(config: Config) -> str:
+    """Every setting with its value and origin, in one line (NVIDIA's "Running with
+    config"): `mig_strategy=none (default), pass_device_specs=True (env PASS_DEVICE_SPECS)`."""
+    parts = []
+    for key in _PARSERS:
+        value = getattr(config, key)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"{key}={cut_text(str(value))} ({config.sources.get(key, 'default')})")
+    return ", ".join(parts)
 
 
 def load(
@@ -500,10 +623,16 @@ def build(
     file: configfile.ConfigFile | None,
     *,
     command: Command = "serve",
+    sources: Mapping[str, str] | None = None,
 ) -> Config:
-    """One Config from flag/env values and a parsed config file (file values lose)."""
+    """One Config from flag/env values and a parsed config file (file values lose).
+
+    `sources` says where each override came from (the flag or variable), for the start-up
+    line that lists every setting with its origin."""
     values: dict[str, object] = {}
+    origin = {key: "default" for key in _PARSERS}
     if file is not None:
+        origin.update({key: f"config file {where}" for key, (where, _) in file.flags.items()})
         for key, (where, raw) in file.flags.items():
             try:
                 values[key] = _PARSERS[key](raw)
@@ -516,13 +645,41 @@ def build(
             ignored=file.ignored,
         )
     values.update(overrides)
+    origin.update({k: (sources or {}).get(k, "flag or env") for k in overrides if k in origin})
+    values["sources"] = origin
     values["command"] = command
-    values["overrides"] = dict(overrides)
-    return validate(Config(**values))  # type: ignore[arg-type]
+    values["overrides"] = {k: v for k, v in overrides.items() if k != "notes"}
+    config = validate(Config(**values))  # type: ignore[arg-type]
+    inert = inert_settings(config)
+    return dataclasses.replace(config, notes=config.notes + inert) if inert else config
+
+
+def inert_settings(config: Config) -> tuple[str, ...]:
+    """NVIDIA settings that are set but mean nothing here, each with what aiodp does."""
+    out = []
+    default = Config()
+    no_spec = "aiodp generates no CDI spec (the node's own spec is used), so it has no effect"
+    if config.nvidia_cdi_hook_path != default.nvidia_cdi_hook_path:
+        out.append(f"--nvidia-cdi-hook-path {config.nvidia_cdi_hook_path}: {no_spec}")
+    if config.cdi_feature_flags:
+        out.append(f"--cdi-feature-flags {','.join(config.cdi_feature_flags)}: {no_spec}")
+    if config.cdi_disable_hooks:
+        out.append(f"--cdi-disable-hooks {','.join(config.cdi_disable_hooks)}: {no_spec}")
+    if config.container_driver_root != default.container_driver_root:
+        out.append(
+            f"--driver-root-ctr-path {config.container_driver_root}: accepted; aiodp looks "
+            f"for device nodes under --nvidia-dev-root ({config.dev_root})"
+        )
+    return tuple(out)
 
 
 def validate(config: Config) -> Config:
     """Cross-field checks; returns the config unchanged or raises ConfigError."""
+    if config.device_discovery_strategy == "tegra":
+        raise ConfigError(
+            "--device-discovery-strategy: invalid value 'tegra': aiodp finds GPUs with NVML "
+            "and does not support Tegra (integrated) GPUs; run NVIDIA's plugin on Tegra nodes"
+        )
     if config.backend == "simulated" and config.simulated_devices is None:
         raise ConfigError(
             "--backend: invalid value 'simulated': needs --simulated-devices "

@@ -105,22 +105,11 @@ PLUGIN_FLAGS: Final[Mapping[str, str]] = {
     "deviceListStrategy": "device_list_strategy",
     "deviceIDStrategy": "device_id_strategy",
     "cdiAnnotationPrefix": "cdi_annotation_prefix",
-    "nvidiaCTKPath": "nvidia_ctk_path",
+    "nvidiaCTKPath": "nvidia_cdi_hook_path",
     "containerDriverRoot": "container_driver_root",
     "sharedDevicesAllocationPolicy": "shared_devices_allocation_policy",
 }
 IGNORED_FLAGS: Final = frozenset({"useNodeFeatureAPI", "gfd"})
-UNSUPPORTED: Final = frozenset(
-    {
-        "gdrcopy_enabled",
-        "gds_enabled",
-        "mofed_enabled",
-        "device_discovery_strategy",
-        "nvidia_ctk_path",
-        "container_driver_root",
-    }
-)
-"""NVIDIA settings aiodp accepts and ignores (reported like the GFD ones)."""
 _NAME: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -283,7 +272,7 @@ def parse(text: str) -> ConfigFile:
     for path, name, value in named:
         if value is None:
             continue
-        if name is None or name in UNSUPPORTED:
+        if name is None:
             ignored.append(path)
         else:
             flags[name] = (path, value)
@@ -300,6 +289,10 @@ def parse(text: str) -> ConfigFile:
     channels = imex.get("channelIDs") or []
     if channels not in ([], [0]):
         raise _fail("imex.channelIDs", f"must be [] or [0], got {cut(channels)}")
+    if channels:
+        flags["imex_channel_ids"] = ("imex.channelIDs", channels)
+    if imex.get("required") is not None:
+        flags["imex_required"] = ("imex.required", imex["required"])
     return ConfigFile(
         flags=flags,
         sharing=ts or mps,

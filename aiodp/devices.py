@@ -33,6 +33,11 @@ class Kind(enum.Enum):
     """A shared (time-sliced or MPS) replica of a GPU or MIG device: `<uuid>::<n>`."""
 
 
+def imex_channel_path(channel: int) -> str:
+    """The container path of an IMEX channel's device node, as NVIDIA's plugin hands it."""
+    return f"/dev/nvidia-caps-imex-channels/channel{channel}"
+
+
 def device_id(uuid: Uuid, replica: int | None = None) -> DeviceId:
     """The ID the kubelet sees: the UUID itself, or `<uuid>::<n>` for replica n."""
     return DeviceId(uuid if replica is None else f"{uuid}::{replica}")

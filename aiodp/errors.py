@@ -51,6 +51,10 @@ class ConfigError(AiodpError):
     """A flag, environment variable or file holds a value we cannot use (exit code 2)."""
 
 
+class ListenError(AiodpError):
+    """An address we were told to serve on cannot be bound (in use, not ours): exit 1."""
+
+
 class InvalidRequest(AiodpError):
     """A gRPC request that can never succeed as sent: INVALID_ARGUMENT."""
 

@@ -25,6 +25,7 @@ from aiodp.status import Status
 log = logging.getLogger(__name__)
 
 RETIRED: str = "the config no longer has it as it was"
+STREAM_LOST: str = "the kubelet ended ListAndWatch"
 
 
 class _Restart(Exception):
@@ -72,6 +73,9 @@ async def run_plugins(holder: Holder, registry: DeviceRegistry, status: Status) 
     next call.
     """
     plugin_dir = holder.current().config.plugin_dir
+    if not watch.is_directory(plugin_dir):
+        status.set_phase(f"waiting for the device-plugins directory {plugin_dir}")
+        await watch.wait_for_directory(plugin_dir)
     async with watch.DirWatch(plugin_dir) as dw, asyncio.TaskGroup() as tg:
         running: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         async for live in holder.watch():
@@ -133,6 +137,12 @@ async def run_resource(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(config.resettle_delay):
                 await dw.wait(mark.changed)
+        if reason == STREAM_LOST and not mark.changed():
+            log.warning(  # a restarting kubelet ends our stream too: that is only INFO
+                "the kubelet ended ListAndWatch for %s while it stayed up; registering again",
+                spec.name,
+                extra={"resource": spec.name},
+            )
 
 
 async def _generation(
@@ -213,6 +223,6 @@ async def _generation(
     return {
         "changed": why_redo() or "directory changed",
         "retired": RETIRED,
-        "stream-lost": "the kubelet ended ListAndWatch",
+        "stream-lost": STREAM_LOST,
         "stream-timeout": "the kubelet never opened ListAndWatch",
     }[first]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from aiodp import metrics
+from aiodp.errors import ListenError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,13 @@ class Probes:
 async def serve(address: str, probes: Probes) -> AsyncIterator[Endpoint]:
     """Listen on HOST:PORT (":PORT" for every address) until the block exits."""
     host, port = parse_address(address)
-    server = await asyncio.start_server(probes.handle, host, port, limit=MAX_LINE)
+    try:
+        server = await asyncio.start_server(probes.handle, host, port, limit=MAX_LINE)
+    except OSError as e:
+        raise ListenError(
+            f"--metrics-address {address}: cannot listen: {e.strerror or e}"
+            " (another process has the port? set another, or empty to turn it off)"
+        ) from None
     sock = server.sockets[0].getsockname()
     endpoint = Endpoint(str(sock[0]), int(sock[1]))
     log.info("metrics and probes on http://%s (/metrics, /healthz, /readyz)", endpoint.address)

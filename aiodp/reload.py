@@ -20,7 +20,7 @@ from aiodp import aiokit, backend, health, sharing, watch
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend, DeviceInfo
 from aiodp.config import Config
-from aiodp.devices import DeviceRegistry, Health, Resource
+from aiodp.devices import DeviceRegistry, Health, Resource, imex_channel_path
 from aiodp.errors import ConfigError
 from aiodp.simulated import SimulatedBackend
 from aiodp.topology import Topology
@@ -37,6 +37,8 @@ class Live:
     topo: Topology
     control_paths: tuple[str, ...]
     """Shared control nodes (`/dev/nvidiactl`, ...) that exist under the live dev root."""
+    imex_channels: tuple[int, ...] = ()
+    """The configured IMEX channels whose device nodes exist under the live dev root."""
     version: int = 0
 
     def resource(self, name: str) -> Resource | None:
@@ -73,8 +75,22 @@ async def discover(be: DeviceBackend, config: Config) -> tuple[Sequence[DeviceIn
     """Discover the devices and build a live state for `config` from them (version 0)."""
     infos = await be.discover()
     plan = sharing.plan(infos, config)
+    control, imex = await device_nodes(config)
+    return infos, Live(config, plan, await be.topology(), control, imex)
+
+
+async def device_nodes(config: Config) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The control nodes and IMEX channels present under the dev root (stat calls, in a
+    thread). A missing IMEX channel is a ConfigError with `imex.required`, else a warning."""
     control = await asyncio.to_thread(backend.control_paths, config.dev_root)
-    return infos, Live(config, plan, await be.topology(), control)
+    imex = await asyncio.to_thread(backend.imex_channels, config.dev_root, config.imex_channel_ids)
+    missing = sorted(set(config.imex_channel_ids) - set(imex))
+    if missing:
+        where = ", ".join(str(config.dev_root / imex_channel_path(c).lstrip("/")) for c in missing)
+        if config.imex_required:
+            raise ConfigError(f"imex.required: IMEX channel device node(s) missing: {where}")
+        log.warning("IMEX channel(s) %s not found (%s): not handed to containers", missing, where)
+    return control, imex
 
 
 def _shape(plan: sharing.Plan) -> tuple[object, ...]:
@@ -111,7 +127,7 @@ class Reloader:
         file = await asyncio.to_thread(
             functools.partial(cfg.load, running.config_file, limit=running.max_file_bytes)
         )
-        return cfg.build(running.overrides, file, command=running.command)
+        return cfg.build(running.overrides, file, command=running.command, sources=running.sources)
 
     async def apply(self, config: Config, *, rediscover: bool) -> bool:
         """Install `config` (and fresh devices); False when nothing changed."""
@@ -121,14 +137,19 @@ class Reloader:
             self._infos = await self.backend.discover()
             topo = await self.backend.topology()
         plan = sharing.plan(self._infos, config)
-        control = old.control_paths
-        if rediscover or config.dev_root != old.config.dev_root:
-            control = await asyncio.to_thread(backend.control_paths, config.dev_root)
-        if (config, _shape(plan), topo, control) == (
+        control, imex = old.control_paths, old.imex_channels
+        if rediscover or (config.dev_root, config.imex_channel_ids, config.imex_required) != (
+            old.config.dev_root,
+            old.config.imex_channel_ids,
+            old.config.imex_required,
+        ):
+            control, imex = await device_nodes(config)
+        if (config, _shape(plan), topo, control, imex) == (
             old.config,
             _shape(old.plan),
             old.topo,
             old.control_paths,
+            old.imex_channels,
         ):
             return False  # health alone is the health tasks' business
         health_of = {d.uuid: (d.health, d.reason) for d in self.registry.inventory().devices}
@@ -138,7 +159,7 @@ class Reloader:
             else d
             for d in plan.devices
         ]
-        self.holder.install(Live(config, plan, topo, control))
+        self.holder.install(Live(config, plan, topo, control, imex))
         self.registry.replace(devices)
         self.tracker.reapply()
         log.info("serving %s", describe(plan))

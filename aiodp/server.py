@@ -217,6 +217,8 @@ class Settings(Protocol):
     def topo(self) -> topology.Topology: ...
     @property
     def control_paths(self) -> Sequence[str]: ...
+    @property
+    def imex_channels(self) -> Sequence[int]: ...
     def resource(self, name: str) -> Resource | None: ...
 
 
@@ -305,7 +307,7 @@ class DevicePluginService(DevicePluginBase):
             if not self.open_streams:
                 self._streams_done.set()
             if kubelet and not self.closing.is_set():
-                log.warning(
+                log.info(  # WARNING comes from generations if the kubelet stayed up
                     "ListAndWatch for %s ended by the kubelet",
                     self.resource,
                     extra={"resource": self.resource},
@@ -342,7 +344,12 @@ class DevicePluginService(DevicePluginBase):
             allocate.check_containers(len(message.container_requests))
             responses = [
                 allocate.build_response(
-                    req.devices_ids, inventory, spec, live.config, live.control_paths
+                    req.devices_ids,
+                    inventory,
+                    spec,
+                    live.config,
+                    live.control_paths,
+                    live.imex_channels,
                 )
                 for req in message.container_requests
             ]

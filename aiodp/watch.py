@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable, Collection
 from pathlib import Path
 from typing import Final, Self
@@ -90,6 +91,34 @@ class DirWatch:
             await self.wait(lambda seen=last: self.seen(names) != seen)  # type: ignore[misc]
             last = self.seen(names)  # before yielding: changes made meanwhile count next time
             yield
+
+
+def is_directory(path: Path) -> bool:
+    """One stat: cheap enough to call from the loop."""
+    return os.path.isdir(path)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.is_dir():
+            return parent
+    return Path("/")
+
+
+async def wait_for_directory(path: Path) -> None:
+    """Return once `path` is a directory, watching its nearest existing ancestor (a booting
+    node's kubelet creates its directories after we start); says so once."""
+    told = False
+    while not is_directory(path):
+        ancestor = _nearest_existing(path)
+        step = ancestor / path.relative_to(ancestor).parts[0]
+        if not told:
+            log.info("waiting for %s to be created (watching %s)", path, ancestor)
+            told = True
+        async with DirWatch(ancestor) as dw:
+            await dw.wait(step.exists)
+    if told:
+        log.info("%s is there now", path)
 
 
 async def file_changes(path: Path) -> AsyncGenerator[None, None]:

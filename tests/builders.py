@@ -83,6 +83,7 @@ class Fixed:
     config: Config = dataclasses.field(default_factory=Config)
     topo: topology.Topology = dataclasses.field(default_factory=topology.Topology)
     control_paths: tuple[str, ...] = ()
+    imex_channels: tuple[int, ...] = ()
 
     def resource(self, name: str) -> Resource | None:
         return None

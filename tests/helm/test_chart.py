@@ -218,10 +218,17 @@ def test_chart_map_and_name_are_exclusive() -> None:
         render({"config": {"map": {"a": "version: v1"}, "name": "b"}})
 
 
-def test_chart_app_version_matches_the_package() -> None:
+def test_chart_and_image_version_is_the_package_version() -> None:
+    """One version source (aiodp/_version.py): pyproject reads it, the chart and the image
+    repeat it, and this test fails when they drift."""
     import tomllib
 
+    from aiodp._version import VERSION
+
     root = Path(CHART).parents[1]
-    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "aiodp._version.VERSION"}
     chart = yaml.safe_load((Path(CHART) / "Chart.yaml").read_text())
-    assert chart["appVersion"] == version
+    assert (chart["version"], chart["appVersion"]) == (VERSION, VERSION)
+    assert f"ARG VERSION={VERSION}\n" in (root / "Dockerfile").read_text()

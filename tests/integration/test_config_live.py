@@ -212,3 +212,19 @@ async def test_config_live_device_list_change_goes_over_the_open_stream(short_di
         for resource, endpoint in endpoints.items():
             assert rp.k.endpoint(resource) is endpoint
             assert endpoint.connected
+
+
+async def test_config_live_imex_channel_present_or_required(short_dir: Path) -> None:
+    root = short_dir / "root"
+    async with running(
+        short_dir, nvidia_dev_root=root, imex_channel_ids=(0,), imex_required=True, expect_code=2
+    ) as rp:
+        assert await rp.task == 2  # the node has no channel0 and imex.required says so
+    (root / "dev/nvidia-caps-imex-channels").mkdir(parents=True)
+    (root / "dev/nvidia-caps-imex-channels/channel0").write_text("")
+    async with running(short_dir, nvidia_dev_root=root, imex_channel_ids=(0,)) as rp:
+        await rp.ready.wait()
+        await next_update(rp.k, lambda u: bool(u.devices))
+        gpu = rp.k.devices("nvidia.com/gpu")[0].id
+        resp = (await rp.k.allocate("nvidia.com/gpu", [gpu])).container_responses[0]
+        assert resp.envs["NVIDIA_IMEX_CHANNELS"] == "0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -226,3 +227,22 @@ async def test_lifecycle_backend_exit_is_bounded(
     async with running(short_dir, make_backend=hanging, shutdown_timeout=0.2) as rp:
         await rp.ready.wait()
     assert "the device backend did not shut down within 0.2 s" in caplog.text
+
+
+async def test_lifecycle_stream_end_is_a_warning_only_when_the_kubelet_stayed_up(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(short_dir) as rp:
+        await rp.k.registrations.get()
+        await next_update(rp.k, lambda u: bool(u.devices))
+        await rp.k.restart()  # a normal kubelet restart: INFO only
+        await rp.k.registrations.get()
+        await next_update(rp.k, lambda u: bool(u.devices) and not u.ended)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == []
+        await rp.k.end_stream(RESOURCE_GPU)  # the kubelet stays up and drops us: WARNING
+        await rp.k.registrations.get()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "the kubelet ended ListAndWatch for nvidia.com/gpu while it stayed up; registering again"
+    ]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from aiodp._version import VERSION
 from aiodp.fakekubelet import FakeKubelet
 from tests.harness import h100_node, next_update
 
@@ -197,3 +199,53 @@ async def test_process_second_signal_exits_at_once(short_dir: Path) -> None:
     assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
     assert f"second {signal.Signals(code - 128).name}: exiting at once" in err
     assert not (short_dir / reg.endpoint).exists()  # our socket goes first: that is cheap
+
+
+async def test_process_version_prints_version_and_commit() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aiodp", "--version", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    line = out.decode().strip()
+    assert line.startswith(f"aiodp {VERSION} (commit ")
+    assert line != f"aiodp {VERSION} (commit unknown)"  # a checkout knows its commit
+
+
+async def test_process_metrics_port_in_use_is_one_line_and_exit_1(short_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with FakeKubelet(short_dir):
+            proc = await serve_simulated(short_dir, f"--metrics-address=127.0.0.1:{port}")
+            code, _, err = await finish(proc)
+    assert code == 1
+    assert f"--metrics-address 127.0.0.1:{port}: cannot listen:" in err
+    assert "address already in use" in err.lower()
+    errors = [line for line in err.splitlines() if " ERROR " in line or " CRITICAL " in line]
+    assert len(errors) == 1  # one line
+    assert "Traceback" not in err
+
+
+async def test_process_waits_for_a_missing_device_plugins_directory(short_dir: Path) -> None:
+    """A booting node: the kubelet creates its directory after we start. One line, no
+    traceback, and registration once it is there."""
+    plugins = short_dir / "kubelet" / "device-plugins"
+    devices = short_dir / "devices.yaml"
+    devices.write_text(h100_node())
+    proc = await aiodp(
+        "serve", "--backend=simulated", f"--simulated-devices={devices}",
+        f"--kubelet-socket={plugins / 'kubelet.sock'}", "--metrics-address=",
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(10):
+        while b"to be created" not in await proc.stderr.readline():
+            pass
+    async with FakeKubelet(plugins) as kubelet:  # creates the directories, then serves
+        reg = await asyncio.wait_for(kubelet.registrations.get(), 10)
+        assert reg.resource == "nvidia.com/gpu"
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = await finish(proc)
+    assert code == 0
+    assert "Traceback" not in err

@@ -128,3 +128,39 @@ def test_allocate_unhealthy_is_refused_with_reason() -> None:
 def test_allocate_unknown_wins_over_unhealthy() -> None:
     with pytest.raises(UnknownDevice):
         answer(["GPU-3", "nope"])
+
+
+def test_allocate_gdrcopy_gds_mofed_as_nvidia() -> None:
+    """NVIDIA sets these before it stops for CDI-only strategies: they are always there."""
+    for strategies in (("envvar",), ("cdi-cri",)):
+        r = answer(
+            ["GPU-0"], gdrcopy_enabled=True, mofed_enabled=True, device_list_strategy=strategies
+        )
+        assert r.envs["NVIDIA_GDRCOPY"] == "enabled"
+        assert r.envs["NVIDIA_MOFED"] == "enabled"
+        assert "NVIDIA_GDS" not in r.envs
+
+
+def test_allocate_imex_channels_in_every_strategy() -> None:
+    def with_imex(**options: Any) -> ContainerAllocateResponse:
+        config = dataclasses.replace(Config(), imex_channel_ids=(0,), **options)
+        return allocate.build_response(["GPU-1"], inventory(), Resource(RES), config, CONTROL, (0,))
+
+    env = with_imex(pass_device_specs=True)
+    assert env.envs["NVIDIA_IMEX_CHANNELS"] == "0"
+    assert env.devices[-1] == DeviceSpec(
+        container_path="/dev/nvidia-caps-imex-channels/channel0",
+        host_path="/dev/nvidia-caps-imex-channels/channel0",
+        permissions="rw",
+    )
+    mounts = with_imex(device_list_strategy=("volume-mounts",))
+    assert (
+        Mount(container_path="/var/run/nvidia-container-devices/imex/0", host_path="/dev/null")
+        in mounts.mounts
+    )
+    cdi = with_imex(device_list_strategy=("cdi-cri",))
+    assert [d.name for d in cdi.cdi_devices] == [
+        "nvidia.com/gpu=GPU-1",
+        "nvidia.com/imex-channel=0",
+    ]
+    assert "NVIDIA_IMEX_CHANNELS" not in answer(["GPU-1"]).envs  # none configured or present

@@ -114,6 +114,8 @@ def test_config_is_frozen() -> None:
         ("79,94", None, True, {79: False, 94: False, 48: True, 13: False}),
         ("all", "79", False, {79: True, 48: False}),
         (None, "13, 31", True, {13: True, 31: True, 43: False}),
+        (None, "all", True, {13: True, 109: True, 79: True}),  # every XID acts
+        ("xids,94", "all", True, {13: True, 94: True}),
     ],
 )
 def test_config_health_policy_matches_nvidia(
@@ -129,11 +131,20 @@ def test_config_health_policy_matches_nvidia(
     assert {x: policy.xid_is_critical(x) for x in checks} == checks
 
 
+def test_config_health_malformed_items_are_ignored_with_a_note() -> None:
+    """As NVIDIA's plugin: a bad item is skipped and logged, never a crash-loop."""
+    c = config.resolve([], {"DP_DISABLE_HEALTHCHECKS": "79,abc", "DP_ENABLE_HEALTHCHECKS": "x, 48"})
+    assert not c.health_policy.xid_is_critical(79)
+    assert c.health_policy.xid_is_critical(48)
+    assert c.notes == (
+        "DP_DISABLE_HEALTHCHECKS: ignoring the malformed item 'abc'",
+        "DP_ENABLE_HEALTHCHECKS: ignoring the malformed item 'x'",
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"DP_DISABLE_HEALTHCHECKS": "79,abc"}, "DP_DISABLE_HEALTHCHECKS: invalid value '79,abc'"),
-        ({"DP_ENABLE_HEALTHCHECKS": "x"}, "DP_ENABLE_HEALTHCHECKS: invalid value 'x'"),
         ({"AIODP_HEALTH_RECOVERY_PERIOD": "-1"}, "AIODP_HEALTH_RECOVERY_PERIOD: invalid value"),
     ],
 )
@@ -167,3 +178,65 @@ def test_config_host_roots_accepted() -> None:
     c = config.resolve(["--nvidia-dev-root", "/run/nvidia/driver/"], {})
     assert c.dev_root == Path("/run/nvidia/driver")
     assert config.resolve(["--nvidia-driver-root", "/"], {}).dev_root == Path("/")
+
+
+def test_config_repeated_device_list_strategy_adds_up() -> None:
+    argv = ["--device-list-strategy", "envvar", "--device-list-strategy", "cdi-annotations,cdi-cri"]
+    assert config.resolve(argv, {}).device_list_strategy == (
+        "envvar",
+        "cdi-annotations",
+        "cdi-cri",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("t", True), ("T", True), ("TRUE", True), ("True", True), ("true", True),
+     ("0", False), ("f", False), ("F", False), ("FALSE", False), ("False", False)],
+)  # fmt: skip
+def test_config_booleans_take_go_parsebool(value: str, expected: bool) -> None:
+    assert config.resolve([], {"PASS_DEVICE_SPECS": value}).pass_device_specs is expected
+    assert config.resolve([f"--fail-on-init-error={value}"], {}).fail_on_init_error is expected
+
+
+def test_config_nvidia_flags_and_aliases() -> None:
+    c = config.resolve(
+        ["--gdrcopy-enabled", "--imex-channel-ids=0", "--nvidia-ctk-path=/opt/ctk"],
+        {"GDS_ENABLED": "true", "CONTAINER_DRIVER_ROOT": "/host", "CDI_DISABLE_HOOKS": "all"},
+    )
+    assert (c.gdrcopy_enabled, c.gds_enabled, c.mofed_enabled) == (True, True, False)
+    assert c.imex_channel_ids == (0,)
+    assert c.nvidia_cdi_hook_path == Path("/opt/ctk")
+    assert c.container_driver_root == Path("/host")
+    assert c.cdi_disable_hooks == ("all",)
+    assert any(
+        n.startswith("--nvidia-cdi-hook-path /opt/ctk: aiodp generates no CDI") for n in c.notes
+    )
+    with pytest.raises(ConfigError, match="--imex-channel-ids: invalid value '1'"):
+        config.resolve(["--imex-channel-ids=1"], {})
+
+
+def test_config_tegra_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="does not support Tegra"):
+        config.resolve(["--device-discovery-strategy=tegra"], {})
+    assert (
+        config.resolve([], {"DEVICE_DISCOVERY_STRATEGY": "nvml"}).device_discovery_strategy
+        == "nvml"
+    )
+
+
+def test_config_effective_line_names_every_origin() -> None:
+    read = {
+        "/x/c.yaml": "version: v1\nflags: {migStrategy: mixed, plugin: {passDeviceSpecs: true}}\n"
+    }
+    c = config.resolve(
+        ["--config-file", "/x/c.yaml", "--device-id-strategy=index"],
+        {"PASS_DEVICE_SPECS": "false"},
+        read=lambda p: read[str(p)],
+    )
+    line = config.effective(c)
+    assert "mig_strategy=mixed (config file flags.migStrategy)" in line
+    assert "pass_device_specs=False (env PASS_DEVICE_SPECS)" in line
+    assert "device_id_strategy=index (--device-id-strategy)" in line
+    assert "health_interval=5.0 (default)" in line
+    assert "\n" not in line
