@@ -118,6 +118,7 @@ def test_chart_defaults() -> None:
         "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         "KUBELET_SOCKET": "/var/lib/kubelet/device-plugins/kubelet.sock",
         "AIODP_METRICS_ADDRESS": ":8080",
+        "MPS_ROOT": "/run/nvidia/mps",  # always, as NVIDIA's chart
     }  # nothing else: unset values leave the program's defaults alone
     spec = pod(objects)
     assert spec["priorityClassName"] == "system-node-critical"
@@ -127,7 +128,11 @@ def test_chart_defaults() -> None:
     ]
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     keys = {t["matchExpressions"][0]["key"] for t in terms["nodeSelectorTerms"]}
-    assert keys == {"feature.node.kubernetes.io/pci-10de.present", "nvidia.com/gpu.present"}
+    assert keys == {
+        "feature.node.kubernetes.io/pci-10de.present",
+        "feature.node.kubernetes.io/cpu-model.vendor_id",  # Tegra, as NVIDIA's chart
+        "nvidia.com/gpu.present",
+    }
     (vol,) = spec["volumes"]
     assert vol["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
     assert not kind(objects, "ConfigMap")
@@ -173,8 +178,8 @@ def test_chart_compat_with_cpu_manager_is_privileged() -> None:
     assert container(objects)["securityContext"] == {"privileged": True}
     assert env(objects)["PASS_DEVICE_SPECS"] == "true"
     assert env(objects)["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
-    vol = next(v for v in pod(objects)["volumes"] if v["name"] == "driver-root")
-    assert vol["hostPath"]["path"] == "/run/nvidia/driver"
+    # the driver root is not mounted: aiodp never reads it (device specs are host paths)
+    assert "driver-root" not in {v["name"] for v in pod(objects)["volumes"]}
 
 
 def test_chart_service_monitor() -> None:
@@ -232,3 +237,87 @@ def test_chart_and_image_version_is_the_package_version() -> None:
     chart = yaml.safe_load((Path(CHART) / "Chart.yaml").read_text())
     assert (chart["version"], chart["appVersion"]) == (VERSION, VERSION)
     assert f"ARG VERSION={VERSION}\n" in (root / "Dockerfile").read_text()
+
+
+# NVIDIA's chart keys as a migrating user's values files set them (written from NVIDIA's
+# v0.17 and v0.20 values.yaml key by key; the files themselves are not copied here).
+NVIDIA_V020: dict[str, Any] = {
+    "config": {"map": {}, "name": "", "default": "", "fallbackStrategies": ["named", "single"]},
+    "compatWithCPUManager": None, "migStrategy": None, "failOnInitError": None,
+    "deviceListStrategy": None, "deviceIDStrategy": None, "nvidiaDriverRoot": None,
+    "gdrcopyEnabled": None, "gdsEnabled": None, "mofedEnabled": None,
+    "deviceDiscoveryStrategy": None, "nameOverride": "", "fullnameOverride": "",
+    "namespaceOverride": "", "selectorLabelsOverride": {}, "allowDefaultNamespace": False,
+    "imagePullSecrets": [], "image": {"repository": "nvcr.io/nvidia/k8s-device-plugin",
+    "pullPolicy": "IfNotPresent", "tag": ""}, "updateStrategy": {"type": "RollingUpdate"},
+    "podAnnotations": {}, "podSecurityContext": {}, "securityContext": {}, "resources": {},
+    "nodeSelector": {}, "priorityClassName": "system-node-critical", "runtimeClassName": None,
+    "devicePlugin": {"enabled": True, "enableHostNetwork": False},
+    "gfd": {"enabled": False, "nameOverride": "gpu-feature-discovery", "namespaceOverride": "",
+            "noTimestamp": None, "sleepInterval": None, "securityContext": {"privileged": True},
+            "podAnnotations": {}, "resources": {}},
+    "nfd": {"nameOverride": "node-feature-discovery", "enableNodeFeatureApi": False,
+            "master": {"serviceAccount": {"name": "node-feature-discovery", "create": True}},
+            "worker": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}},
+    "mps": {"enableHostPID": True, "root": "/run/nvidia/mps"},
+    "cdi": {"nvidiaHookPath": None, "featureFlags": None},
+}  # fmt: skip
+NVIDIA_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mig-mixed-named-configs": {
+        "migStrategy": "mixed",
+        "config": {"map": {"default": "version: v1\nflags: {migStrategy: mixed}\n",
+                           "a100": "version: v1\nflags: {migStrategy: single}\n"},
+                   "default": "a100"},
+    },
+    "time-slicing": {
+        "config": {"map": {"default": "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+                           "    - {name: nvidia.com/gpu, replicas: 4}\n"}},
+    },
+    "cdi": {"deviceListStrategy": "cdi-cri", "gdsEnabled": True,
+            "cdi": {"nvidiaHookPath": "/usr/local/bin/nvidia-cdi-hook",
+                    "featureFlags": ["disable-nvsandboxutils"]}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["v0.20", *NVIDIA_OVERRIDES])
+def test_chart_takes_nvidia_values_files(name: str) -> None:
+    values = {**NVIDIA_V020, **NVIDIA_OVERRIDES.get(name, {})}
+    lint = helm_python.lint(CHART, values=values, strict=True, namespace="kube-system")
+    assert lint["errors"] == []
+    objects = render(values)  # the schema checks every key on the way
+    for obj in objects:
+        if obj["kind"] not in CRDS:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+    e = env(objects)
+    assert e["MPS_ROOT"] == "/run/nvidia/mps"
+    if name == "cdi":
+        assert e["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/bin/nvidia-cdi-hook"
+        assert e["CDI_FEATURE_FLAGS"] == "disable-nvsandboxutils"
+        assert e["GDS_ENABLED"] == "true"
+    caps = container(objects)["securityContext"]["capabilities"]
+    assert (caps.get("add") == ["SYS_ADMIN"]) == (name != "v0.20" and name != "cdi")
+
+
+def test_chart_tegra_affinity_term_is_there() -> None:
+    terms = pod(render({}))["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    keys = {e["key"] for t in terms for e in t["matchExpressions"]}
+    assert "feature.node.kubernetes.io/cpu-model.vendor_id" in keys
+
+
+def test_chart_config_map_without_a_usable_default_fails_at_render() -> None:
+    with pytest.raises(Exception, match=r"config.map has 2 configs \(a, b\)"):
+        render({"config": {"map": {"a": "version: v1", "b": "version: v1"}}})
+
+
+def test_chart_default_namespace_is_refused_as_nvidia() -> None:
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(Exception, match="default"):
+        chart.render(values={}, name="gpu", namespace="default")
+    with helm_python.Chart.load(CHART) as chart:
+        assert chart.render(values={"allowDefaultNamespace": True}, name="gpu", namespace="default")
+
+
+def test_chart_device_plugin_disabled_renders_no_daemonset() -> None:
+    assert kind(render({"devicePlugin": {"enabled": False}}), "DaemonSet") == []

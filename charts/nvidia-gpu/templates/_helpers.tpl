@@ -20,8 +20,12 @@
 {{- end -}}
 
 {{- define "aiodp.selectorLabels" -}}
+{{- if .Values.selectorLabelsOverride -}}
+{{ toYaml .Values.selectorLabelsOverride }}
+{{- else -}}
 app.kubernetes.io/name: {{ include "aiodp.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
 {{- end -}}
 
 {{- define "aiodp.labels" -}}
@@ -46,8 +50,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.config.default -}}
 {{- else if eq (len (keys .Values.config.map)) 1 -}}
 {{- keys .Values.config.map | first -}}
-{{- else -}}
+{{- else if or (not .Values.config.map) (hasKey .Values.config.map "default") -}}
 default
+{{- else -}}
+{{- fail (printf "config.map has %d configs (%s) and none is named \"default\": set config.default to the one to use" (len (keys .Values.config.map)) (keys .Values.config.map | sortAlpha | join ", ")) -}}
 {{- end -}}
 {{- end -}}
 
