@@ -4,12 +4,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+RUN_STAMP := $(VENV)/.installed-run
 PROTO  := protos/deviceplugin/v1beta1/api.proto
 PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test test-matrix e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -20,13 +21,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(RUN_STAMP): pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
 install: $(STAMP) ## create .venv and install aiodp with all extras (editable)
 
-run: $(STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kubelet stand-in
+run: $(RUN_STAMP) ## the demo: plugin on 8 simulated H100s against the embedded kubelet stand-in (installs only the runtime)
 	$(BIN)/python -m aiodp demo
 
 test: lint proto-check ## lint, proto-check, unit, property, integration and chart tests (no Go)
 	$(BIN)/python -m pytest -q --ignore=tests/e2e --cov --cov-report=term
+
+test-matrix: ## make test's pytest run on Python 3.11, 3.12 and 3.13 (pyenv), each in .venv-3.x
+	@set -e; for v in 3.11 3.12 3.13; do \
+		py=$$(ls -d $$HOME/.pyenv/versions/$$v*/bin/python 2>/dev/null | head -1); \
+		[ -n "$$py" ] || py=$$(command -v python$$v) || { echo "test-matrix: no Python $$v" >&2; exit 1; }; \
+		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
+		.venv-$$v/bin/pip install --quiet --upgrade pip && .venv-$$v/bin/pip install --quiet -e '.[dev]'; \
+		echo "== Python $$v"; .venv-$$v/bin/python -m pytest -q --ignore=tests/e2e; \
+	done
 
 chaos: $(STAMP) ## attacks and normal-use runs at full size on a plugin process: one table (<= 10 min)
 	$(BIN)/python -m tests.chaos
