@@ -1,0 +1,80 @@
+"""Every YAML and command example in the README, run: a documented example that fails is a bug.
+
+(`make run` and `make test`, the README's first two commands, are what CI runs.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from aiodp import config, configfile, metrics, simulated
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+
+
+def chart_schema() -> jsonschema.Draft7Validator:
+    schema = json.loads((ROOT / "charts/nvidia-gpu/values.schema.json").read_text())
+    return jsonschema.Draft7Validator(schema)
+
+
+def yaml_blocks() -> list[str]:
+    return [body for lang, body in BLOCKS if lang == "yaml"]
+
+
+def commands() -> list[str]:
+    lines = []
+    for lang, body in BLOCKS:
+        if lang == "sh":
+            lines += body.replace("\\\n", " ").splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.strip()]
+
+
+def test_readme_has_examples() -> None:
+    assert len(yaml_blocks()) >= 7
+    assert any(c.startswith("helm install") for c in commands())
+
+
+@pytest.mark.parametrize("body", yaml_blocks(), ids=lambda b: b.split("\n", 1)[0])
+def test_readme_yaml_example_is_valid(body: str) -> None:
+    doc: Any = yaml.safe_load(body)
+    if "gpus" in doc:  # a simulated-devices file
+        assert simulated.parse(body).gpus
+    elif doc.get("version") == "v1":  # NVIDIA's config file: parsed and built as at start
+        config.build({}, configfile.parse(body))
+    elif "groups" in doc:  # Prometheus alert rules: every aiodp metric they name exists
+        exported = {m.name for m in metrics.REGISTRY.collect()}
+        named = set(re.findall(r"\b(aiodp_[a-z_]+)", body))
+        assert named
+        assert {re.sub(r"_total$", "", n) for n in named} <= exported
+    else:  # Helm values: the chart's schema takes them
+        chart_schema().validate(doc)
+
+
+@pytest.mark.parametrize("line", commands())
+def test_readme_command_example_parses(line: str) -> None:
+    argv = shlex.split(line)
+    if argv[:3] == ["python", "-m", "aiodp"]:
+        assert config.resolve(argv[3:], {}).command == argv[3]
+    elif argv[:2] == ["helm", "install"]:
+        values: dict[str, Any] = {}
+        for i, arg in enumerate(argv):
+            if arg == "--set":
+                key, _, value = argv[i + 1].partition("=")
+                node = values
+                *parents, last = key.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[last] = yaml.safe_load(value)
+        chart_schema().validate(values)
+    else:
+        assert argv[0] == "make", line
