@@ -179,6 +179,9 @@ class Config:
     """NVIDIA's CDI generation feature flags; accepted, aiodp generates no spec."""
     cdi_disable_hooks: tuple[str, ...] = ()
     """OCI hooks left out of a generated CDI spec; accepted, aiodp generates no spec."""
+    cdi_spec_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
+    """Where the node's CDI specs are; with a CDI strategy every name we hand out must be
+    defined there (else /readyz is 503 and one line says how to create the spec)."""
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
     """Where each setting came from: the flag, the variable, the config file key, default."""
@@ -283,6 +286,11 @@ def _parser() -> _Parser:
     add("--cdi-feature-flags", action="append", help="comma list (CDI_FEATURE_FLAGS)")
     add("--cdi-disable-hooks", action="append", help="comma list, or all (CDI_DISABLE_HOOKS)")
     add(
+        "--cdi-spec-dirs",
+        help="where the node's CDI specs are, checked against the names we hand out "
+        "(AIODP_CDI_SPEC_DIRS) [/etc/cdi,/var/run/cdi]",
+    )
+    add(
         "--pass-device-specs",
         nargs="?",
         const="true",
@@ -362,6 +370,7 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "nvidia_cdi_hook_path": ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"),
     "cdi_feature_flags": "CDI_FEATURE_FLAGS",
     "cdi_disable_hooks": "CDI_DISABLE_HOOKS",
+    "cdi_spec_dirs": "AIODP_CDI_SPEC_DIRS",
 }
 
 
@@ -453,6 +462,10 @@ def _words(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(w.strip() for w in raw if w.strip()))
 
 
+def _paths(value: object) -> tuple[Path, ...]:
+    return tuple(Path(w) for w in _words(value))
+
+
 def _imex_channels(value: object) -> tuple[int, ...]:
     """NVIDIA accepts no channel or channel 0."""
     if isinstance(value, list | tuple):
@@ -541,6 +554,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "nvidia_cdi_hook_path": _path,
     "cdi_feature_flags": _words,
     "cdi_disable_hooks": _words,
+    "cdi_spec_dirs": _paths,
 }
 
 

@@ -240,6 +240,10 @@ class _NoAliases(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+YAMLError: Final = yaml.YAMLError
+"""What `load_yaml` raises on text that is not YAML (for callers that may not import yaml)."""
+
+
 def load_yaml(text: str) -> Any:
     """YAML (or JSON) text as plain values, aliases refused; raises yaml.YAMLError.
 

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from aiodp import aiokit, backend, health, sharing, watch
+from aiodp import aiokit, backend, cdi, health, sharing, watch
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend, DeviceInfo
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry, Health, Resource, imex_channel_path
-from aiodp.errors import ConfigError
+from aiodp.errors import ConfigError, brief
 from aiodp.simulated import SimulatedBackend
 from aiodp.topology import Topology
 
@@ -39,6 +39,8 @@ class Live:
     """Shared control nodes (`/dev/nvidiactl`, ...) that exist under the live dev root."""
     imex_channels: tuple[int, ...] = ()
     """The configured IMEX channels whose device nodes exist under the live dev root."""
+    cdi_missing: tuple[str, ...] = ()
+    """CDI names Allocate hands out that no spec in --cdi-spec-dirs defines (CDI only)."""
     version: int = 0
 
     def resource(self, name: str) -> Resource | None:
@@ -76,7 +78,28 @@ async def discover(be: DeviceBackend, config: Config) -> tuple[Sequence[DeviceIn
     infos = await be.discover()
     plan = sharing.plan(infos, config)
     control, imex = await device_nodes(config)
-    return infos, Live(config, plan, await be.topology(), control, imex)
+    missing = await cdi_missing(config, plan, imex)
+    return infos, Live(config, plan, await be.topology(), control, imex, missing)
+
+
+async def cdi_missing(config: Config, plan: sharing.Plan, imex: Sequence[int]) -> tuple[str, ...]:
+    """With a CDI strategy: the names we hand out that the node's specs lack (read in a
+    thread), logged once per check with how to create the spec."""
+    if not cdi.uses_cdi(config):
+        return ()
+    defined = await asyncio.to_thread(
+        cdi.defined_names, config.cdi_spec_dirs, config.max_file_bytes
+    )
+    missing = tuple(sorted(cdi.expected_names(plan.devices, config, imex) - defined))
+    if missing:
+        log.warning(
+            "CDI device(s) %s are not defined by any spec in %s: containers asking for them "
+            "will not start; create the spec with `nvidia-ctk cdi generate "
+            "--output=/var/run/cdi/nvidia.yaml` (or install the GPU Operator)",
+            brief(missing),
+            ", ".join(str(d) for d in config.cdi_spec_dirs),
+        )
+    return missing
 
 
 async def device_nodes(config: Config) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -144,12 +167,14 @@ class Reloader:
             old.config.imex_required,
         ):
             control, imex = await device_nodes(config)
-        if (config, _shape(plan), topo, control, imex) == (
+        missing = await cdi_missing(config, plan, imex)  # specs may have come or gone
+        if (config, _shape(plan), topo, control, imex, missing) == (
             old.config,
             _shape(old.plan),
             old.topo,
             old.control_paths,
             old.imex_channels,
+            old.cdi_missing,
         ):
             return False  # health alone is the health tasks' business
         health_of = {d.uuid: (d.health, d.reason) for d in self.registry.inventory().devices}
@@ -159,7 +184,7 @@ class Reloader:
             else d
             for d in plan.devices
         ]
-        self.holder.install(Live(config, plan, topo, control, imex))
+        self.holder.install(Live(config, plan, topo, control, imex, missing))
         self.registry.replace(devices)
         self.tracker.reapply()
         log.info("serving %s", describe(plan))

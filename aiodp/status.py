@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiodp import aiokit, metrics, probes, server
+from aiodp.errors import brief
 from aiodp.reload import Holder, Live
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,13 @@ class Status:
         await self._pulse.wait_for(condition)
 
     def readiness(self) -> str | None:
-        """None when every resource is registered and its ListAndWatch stream is open."""
+        """None when every resource is registered and its ListAndWatch stream is open, and
+        every CDI name we hand out is defined on the node."""
         if not self._wanted:
             return self._phase
+        live = self.live
+        if live is not None and live.cdi_missing:
+            return f"CDI spec missing for {brief(live.cdi_missing)}"
         for name in self._wanted:
             if name not in self._registered:
                 return f"{name}: not registered with the kubelet ({self._phase})"

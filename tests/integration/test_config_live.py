@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aiodp.fakekubelet import Registration
-from tests.harness import Running, next_update, running
+from tests.harness import Running, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +229,25 @@ async def test_config_live_imex_channel_present_or_required(short_dir: Path) -> 
         gpu = rp.k.devices("nvidia.com/gpu")[0].id
         resp = (await rp.k.allocate("nvidia.com/gpu", [gpu])).container_responses[0]
         assert resp.envs["NVIDIA_IMEX_CHANNELS"] == "0"
+
+
+async def test_config_live_missing_cdi_spec_is_not_ready_but_allocates(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    specs = short_dir / "cdi"
+    specs.mkdir()
+    config = short_dir / "config.yaml"
+    config.write_text("version: v1\nflags: {plugin: {deviceListStrategy: cdi-cri}}\n")
+    async with running(short_dir, node=THREE, config_file=config, cdi_spec_dirs=(specs,)) as rp:
+        await rp.ready.wait()
+        await next_update(rp.k, lambda u: bool(u.devices))
+        problem = rp.state.readiness()
+        assert problem is not None
+        assert problem.startswith("CDI spec missing for nvidia.com/gpu=GPU-a")
+        assert "nvidia-ctk cdi generate" in caplog.text
+        resp = (await rp.k.allocate("nvidia.com/gpu", ["GPU-a"])).container_responses[0]
+        assert [d.name for d in resp.cdi_devices] == ["nvidia.com/gpu=GPU-a"]  # still answers
+        spec = {"kind": "nvidia.com/gpu", "devices": [{"name": f"GPU-{g}"} for g in "abc"]}
+        (specs / "nvidia.json").write_text(json.dumps(spec))
+        write_atomically(config, "version: v1\nflags: {plugin: {deviceListStrategy: [cdi-cri]}}\n")
+        await rp.state.wait_for(lambda: rp.state.readiness() is None)  # checked on reload
