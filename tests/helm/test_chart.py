@@ -321,3 +321,11 @@ def test_chart_default_namespace_is_refused_as_nvidia() -> None:
 
 def test_chart_device_plugin_disabled_renders_no_daemonset() -> None:
     assert kind(render({"devicePlugin": {"enabled": False}}), "DaemonSet") == []
+
+
+def test_chart_cdi_mounts_the_spec_directories_read_only() -> None:
+    objects = render(VALUE_SETS["cdi"])
+    mounts = {m["mountPath"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["/etc/cdi"]["readOnly"] is True
+    assert mounts["/var/run/cdi"]["readOnly"] is True
+    assert "/var/run/cdi" not in {m["mountPath"] for m in container(render({}))["volumeMounts"]}
