@@ -67,22 +67,31 @@ async def main(
     except* _Shutdown:
         log.info("stopped")
     except* BackendUnavailable as unavailable:
-        for problem in unavailable.exceptions:
+        for problem in _leaves(unavailable):
             log.error("cannot start the device backend: %s", problem)
         code = 1
     except* ListenError as listen_errors:
-        for refused in listen_errors.exceptions:
+        for refused in _leaves(listen_errors):
             log.error("%s", refused)
         code = 1
     except* ConfigError as config_errors:
-        for e in config_errors.exceptions:
+        for e in _leaves(config_errors):
             log.error("%s", e)
         code = 2
     except* Exception as fatal:
-        for err in fatal.exceptions:
+        for err in _leaves(fatal):
             log.critical("fatal: %r", err, exc_info=err)
         code = 1
     return code
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    """The exceptions inside nested task-group groups: one log line each."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
 
 
 def _remove_our_sockets(status: Status) -> None:

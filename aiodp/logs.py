@@ -39,6 +39,9 @@ def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = No
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    # a log write that fails (a full disk, a closed pipe) is dropped, never a traceback that
+    # would itself need writing; the plugin carries on
+    logging.raiseExceptions = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

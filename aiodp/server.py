@@ -43,7 +43,7 @@ from aiodp.api.v1beta1 import (
 from aiodp.config import Config
 from aiodp.devices import Device as DomainDevice
 from aiodp.devices import DeviceRegistry, Resource
-from aiodp.errors import InvalidRequest, UnhealthyDevice, cut, cut_text
+from aiodp.errors import InvalidRequest, ListenError, UnhealthyDevice, cut, cut_text
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,24 @@ def socket_inode(path: Path) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
+def _cannot_serve(path: Path, e: OSError) -> str:
+    """One line on why our socket cannot be created: which directory, which access, what to do."""
+    directory = path.parent
+    try:
+        st = os.stat(directory)
+        owner = f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+    except OSError:
+        owner = "not readable"
+    what = e.strerror or str(e)
+    hint = ""
+    if isinstance(e, PermissionError):
+        hint = (
+            f"; aiodp runs as uid {os.geteuid()} and needs write access there: run it as root"
+            " (the kubelet's directory is root's, and so is the kubelet)"
+        )
+    return f"cannot create our socket {path}: {what} (directory {directory} {owner}){hint}"
+
+
 def _unlink(path: Path) -> None:
     """Remove our socket file (the name is ours: a stale one from an earlier run goes too)."""
     with contextlib.suppress(FileNotFoundError):
@@ -421,10 +439,13 @@ async def serve(
     grpclib's wait_closed can hang while a peer holds its connection), then our socket is
     removed.
     """
-    _unlink(path)
     server = _grpclib.Server([service], limits, codec=StrictCodec())
-    await server.start(path=str(path))
-    os.chmod(path, SOCKET_MODE)
+    try:
+        _unlink(path)
+        await server.start(path=str(path))
+        os.chmod(path, SOCKET_MODE)
+    except OSError as e:
+        raise ListenError(_cannot_serve(path, e)) from None
     inode = socket_inode(path)
     if inode is None:  # pragma: no cover - the kernel just created it
         server.close()

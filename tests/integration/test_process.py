@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -248,4 +249,34 @@ async def test_process_waits_for_a_missing_device_plugins_directory(short_dir: P
         proc.send_signal(signal.SIGTERM)
         code, _, err = await finish(proc)
     assert code == 0
+    assert "Traceback" not in err
+
+
+def _readable_by_all(directory: Path) -> Path:
+    directory.chmod(0o755)
+    devices = directory / "devices.yaml"
+    devices.write_text(h100_node())
+    devices.chmod(0o644)
+    return devices
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+async def test_process_non_root_on_the_kubelets_directory_is_one_line(short_dir: Path) -> None:
+    """The image runs as root; run as another user, the root-owned directory is one clear
+    line (which directory, which access, what to do) and exit 1, not a traceback."""
+    devices = _readable_by_all(short_dir)
+    async with FakeKubelet(short_dir):
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            sys.executable, "-m", "aiodp", "serve", "--backend=simulated",
+            f"--simulated-devices={devices}", f"--kubelet-socket={short_dir / 'kubelet.sock'}",
+            "--metrics-address=",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        code, _, err = await finish(proc)
+    assert code == 1
+    assert (
+        f"cannot create our socket {short_dir / 'aiodp-nvidia-gpu.sock'}: Permission denied" in err
+    )
+    assert "run it as root" in err
     assert "Traceback" not in err
