@@ -10,7 +10,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-matrix e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test test-matrix manifests e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -96,6 +96,9 @@ wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11, 
 
 gpu-check: ## on a machine with an NVIDIA GPU: tests/gpu + a real-NVML smoke run (from wheelhouse/)
 	bash scripts/gpu-check.sh
+
+manifests: $(STAMP) ## render the chart into deployments/static/ (plain manifests; a test checks they match)
+	$(BIN)/python scripts/manifests.py
 
 helm-lint: $(STAMP) ## lint and render the chart (Helm SDK), validate it against Kubernetes schemas
 	$(BIN)/python -m pytest -q tests/helm

@@ -329,3 +329,21 @@ def test_chart_cdi_mounts_the_spec_directories_read_only() -> None:
     assert mounts["/etc/cdi"]["readOnly"] is True
     assert mounts["/var/run/cdi"]["readOnly"] is True
     assert "/var/run/cdi" not in {m["mountPath"] for m in container(render({}))["volumeMounts"]}
+
+
+def test_chart_static_manifests_match_the_chart() -> None:
+    """deployments/static/ is generated from the chart (`make manifests`): no drift."""
+    import importlib.util
+
+    root = Path(CHART).parents[1]
+    spec = importlib.util.spec_from_file_location("manifests", root / "scripts/manifests.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (root / "deployments/static/nvidia-gpu.yaml").read_text()
+    assert module.render() == committed, "run `make manifests` and commit the result"
+    objects = [doc for doc in yaml.safe_load_all(committed) if doc]
+    for obj in objects:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
