@@ -14,16 +14,28 @@ WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY aiodp ./aiodp
 COPY wheelhouse ./wheelhouse
+# The runtime gets the package and its dependencies only: no pip, setuptools or
+# pkg_resources (scanners flag them), no activate scripts, no grpclib protoc plugins, no
+# nvidia-ml-py example; bytecode compiled here (unchecked hashes: valid on a read-only root,
+# whatever the file times), so no start compiles from source.
 RUN python3 -m venv /opt/aiodp \
     && /opt/aiodp/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
     && /opt/aiodp/bin/pip install /tmp/wheels/aiodp-*.whl \
-    && /opt/aiodp/bin/pip uninstall --yes pip \
-    && find /opt/aiodp -name '__pycache__' -prune -exec rm -rf {} +
+    && /opt/aiodp/bin/pip uninstall --yes setuptools 2>/dev/null || true
+RUN /opt/aiodp/bin/pip uninstall --yes pip \
+    && rm -f /opt/aiodp/bin/activate* /opt/aiodp/bin/Activate.ps1 /opt/aiodp/bin/protoc-gen-* \
+    && rm -f /opt/aiodp/lib/python3*/site-packages/example.py \
+    && rm -rf /opt/aiodp/lib/python3*/site-packages/pkg_resources /opt/aiodp/lib/python3*/site-packages/_distutils_hack \
+    && find /opt/aiodp -name '__pycache__' -prune -exec rm -rf {} + \
+    && /opt/aiodp/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/aiodp/lib
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 ARG COMMIT=unknown
+ARG CREATED=unknown
 LABEL org.opencontainers.image.title="aiodp" \
+      org.opencontainers.image.revision="${COMMIT}" \
+      org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.description="asyncio-native Kubernetes device plugin for NVIDIA GPUs" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -81,14 +81,14 @@ bench: $(STAMP) ## tables: preferred allocation, Allocate vs the transport floor
 	$(BIN)/python -m bench
 
 wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into wheelhouse/
-	rm -rf wheelhouse && $(BIN)/pip wheel --quiet --no-deps -w wheelhouse .
+	mkdir -p wheelhouse && rm -f wheelhouse/*.whl && $(BIN)/pip wheel --quiet --no-deps -w wheelhouse .
 	$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
 		--python-version 3.12 --abi cp312 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
 		wheelhouse/aiodp-*.whl pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 looptime==0.9
 
 wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11, x86-64) into wheelhouse/
-	rm -rf wheelhouse && mkdir -p wheelhouse
+	mkdir -p wheelhouse && rm -f wheelhouse/*.whl
 	$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
 		--python-version 3.11 --abi cp311 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
@@ -103,11 +103,12 @@ manifests: $(STAMP) ## render the chart into deployments/static/ (plain manifest
 helm-lint: $(STAMP) ## lint and render the chart (Helm SDK), validate it against Kubernetes schemas
 	$(BIN)/python -m pytest -q tests/helm
 
-image: $(STAMP) ## hadolint the Dockerfile, then build the image (needs a Docker engine)
+image: $(STAMP) ## hadolint, then build the image tagged as the chart names it (needs a Docker engine)
 	$(BIN)/hadolint Dockerfile
-	mkdir -p wheelhouse
 	v=$$($(BIN)/python -c 'import aiodp; print(aiodp.__version__)') && \
-	docker build --build-arg VERSION=$$v --build-arg COMMIT=$$(git rev-parse --short=12 HEAD) -t aiodp:$$v .
+	repo=$$(awk '/^  repository:/ {print $$2; exit}' charts/nvidia-gpu/values.yaml) && \
+	docker build --build-arg VERSION=$$v --build-arg COMMIT=$$(git rev-parse --short=12 HEAD) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) -t $$repo:$$v .
 
 image-test: wheels-image ## prove the image offline: own dockerd, debootstrap base, --network=none build, demo inside
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/image-test.sh

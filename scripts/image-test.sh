@@ -63,6 +63,9 @@ hadolint Dockerfile && echo "hadolint: clean"
 
 step "docker build --network=none"
 docker build --network=none --build-arg BASE_IMAGE="$base" --build-arg PIP_NO_INDEX=1 \
+    --build-arg VERSION="$(python3 -c 'import sys; sys.path.insert(0, "."); from aiodp._version import VERSION; print(VERSION)')" \
+    --build-arg COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \
+    --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     -t "$image" . >"$work/build.log" 2>&1 || { tail -30 "$work/build.log"; exit 1; }
 tail -3 "$work/build.log"
 
@@ -75,7 +78,19 @@ docker image inspect "$image" --format 'labels {{json .Config.Labels}}'
 size=$(docker image inspect "$image" --format '{{.Size}}')
 basesize=$(docker image inspect "$base" --format '{{.Size}}')
 echo "image size: $((size / 1024 / 1024)) MiB (base $((basesize / 1024 / 1024)) MiB, aiodp layer $(((size - basesize) / 1024 / 1024)) MiB)"
-if docker run --rm --network=none --entrypoint sh "$image" -c 'command -v gcc cc pip' ; then
-    echo "unexpected: a compiler or pip in the runtime image"; exit 1
+# each name on its own (dash's `command -v a b c` answers for the first only)
+if ! docker run --rm --network=none --entrypoint sh "$image" -c '
+    for c in gcc cc pip pip3 python3-config; do
+        if command -v "$c"; then echo "unexpected in the runtime image: $c"; exit 1; fi
+    done
+    for m in setuptools pkg_resources; do
+        if python -c "import $m" 2>/dev/null; then echo "unexpected module: $m"; exit 1; fi
+    done
+    ls /opt/aiodp/bin/activate* /opt/aiodp/bin/protoc-gen-* 2>/dev/null && exit 1
+    test -f /usr/share/doc/aiodp/LICENSE || { echo "no LICENSE"; exit 1; }
+    python -m aiodp --version'; then
+    echo "image-test: the runtime image holds what it should not"; exit 1
 fi
+step "start-up imports come from bytecode (read-only root)"
+docker run --rm --network=none --read-only --entrypoint python "$image" -X importtime -c "import aiodp.app" 2>&1 | tail -1
 echo "image-test: PASS"
