@@ -191,10 +191,11 @@ class _Snapshot(ListAndWatchResponse):
 def _device_field(device_id: str, health: str, numa_node: int | None) -> bytes:
     """Field 1 of ListAndWatchResponse for one device: tag, length, Device message."""
     body = bytes(_api_device(device_id, health, numa_node))
-    return b"\x0a" + _varint(len(body)) + body
+    return b"\x0a" + varint(len(body)) + body
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint."""
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

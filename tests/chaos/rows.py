@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 
 from aiodp import metrics
+from aiodp.server import varint
 from aiodp.testbed import h100_node, http_get, write_atomically
 from tests.chaos.rig import GPU, Rig, plugin_log
 from tests.grpcio_stubs import api_pb2, api_pb2_grpc
@@ -100,24 +101,15 @@ async def stream_churn(r: Rig, scale: float) -> tuple[str, str | None]:
     return f"{n} kubelet stream ends ({_ms(delays)}), {m} monitor streams", None
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _fuzz_body(rnd: random.Random, depth: int = 0) -> bytes:
     if rnd.random() < 0.3:
         return rnd.randbytes(rnd.randrange(0, 64))
     out = b""
     for _ in range(rnd.randrange(0, 5)):
         number, wire = rnd.choice([1, 2, 3, 4, 15, 2047]), rnd.choice([0, 1, 2, 3, 5, 6])
-        out += _varint(number << 3 | wire)
+        out += varint(number << 3 | wire)
         if wire == 0:
-            out += _varint(rnd.randrange(0, 2**64)) if rnd.random() < 0.9 else b"\xff" * 11
+            out += varint(rnd.randrange(0, 2**64)) if rnd.random() < 0.9 else b"\xff" * 11
         elif wire == 1:
             out += rnd.randbytes(8)
         elif wire == 5:
@@ -129,7 +121,7 @@ def _fuzz_body(rnd: random.Random, depth: int = 0) -> bytes:
                 else rnd.choice([rnd.randbytes(rnd.randrange(20)), b"GPU-" + rnd.randbytes(8)])
             )
             length = len(body) if rnd.random() < 0.9 else rnd.randrange(0, 2**35)
-            out += _varint(length) + body
+            out += varint(length) + body
     return out
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from aiodp import server
 from aiodp.devices import DeviceRegistry, Resource
+from aiodp.server import varint
 from tests.builders import Fixed, gpu
 
 METHODS = ("GetDevicePluginOptions", "Allocate", "GetPreferredAllocation", "PreStartContainer")
@@ -84,15 +85,6 @@ def served() -> Iterator[Served]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 @st.composite
 def protobuf_like(draw: st.DrawFn, depth: int = 0) -> bytes:
     """Fields with real and wrong wire types, nested messages, bad UTF-8, huge varints."""
@@ -100,9 +92,9 @@ def protobuf_like(draw: st.DrawFn, depth: int = 0) -> bytes:
     for _ in range(draw(st.integers(0, 4))):
         number = draw(st.sampled_from([1, 2, 3, 4, 7, 15, 16, 2047]))
         wire = draw(st.sampled_from([0, 1, 2, 5, 3, 4, 6]))
-        out += _varint(number << 3 | wire)
+        out += varint(number << 3 | wire)
         if wire == 0:
-            out += draw(st.sampled_from([_varint(draw(st.integers(0, 2**64))), b"\xff" * 11]))
+            out += draw(st.sampled_from([varint(draw(st.integers(0, 2**64))), b"\xff" * 11]))
         elif wire == 1:
             out += draw(st.binary(min_size=8, max_size=8))
         elif wire == 5:
@@ -114,7 +106,7 @@ def protobuf_like(draw: st.DrawFn, depth: int = 0) -> bytes:
                 else draw(st.one_of(st.text(max_size=20).map(str.encode), st.binary(max_size=20)))
             )
             length = len(body) if draw(st.integers(0, 9)) else draw(st.integers(0, 2**35))
-            out += _varint(length) + body
+            out += varint(length) + body
     return out
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from resource import RLIMIT_NOFILE, getrlimit, setrlimit
 
@@ -30,6 +31,24 @@ class _Kubelet(RegistrationBase):
         return Empty()
 
 
+async def register_then_close(
+    path: Path,
+    srv: grpclib.server.Server,
+    sleep: Callable[[float], Awaitable[None]],
+    *,
+    delays: tuple[float, ...],
+) -> None:
+    """Register with our retry policy (`sleep` between attempts), then close the kubelet."""
+    try:
+        await registration.register(
+            path, "aiodp-x.sock", "nvidia.com/gpu", server.OPTIONS,
+            call_timeout=5, delays=delays, sleep=sleep,
+        )  # fmt: skip
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
 async def test_registration_socket_before_listen_is_retried_quickly(short_dir: Path) -> None:
     """The kubelet creates kubelet.sock before listen(): ECONNREFUSED, and no inotify event
     comes when it starts listening. The retry comes after 10 ms, not the 0.5 s backoff."""
@@ -45,14 +64,7 @@ async def test_registration_socket_before_listen_is_retried_quickly(short_dir: P
         if len(pauses) == 1:
             await srv.start(sock=sock)  # the kubelet listens now
 
-    try:
-        await registration.register(
-            path, "aiodp-x.sock", "nvidia.com/gpu", server.OPTIONS,
-            call_timeout=5, delays=(0.5,), sleep=sleep,
-        )  # fmt: skip
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    await register_then_close(path, srv, sleep, delays=(0.5,))
     assert pauses == [0.01]
     assert [r.resource_name for r in kubelet.requests] == ["nvidia.com/gpu"]
 
@@ -118,13 +130,6 @@ async def test_registration_kubelet_hanging_up_mid_call_is_retried(short_dir: Pa
         path.unlink(missing_ok=True)
         await srv.start(path=str(path))
 
-    try:
-        await registration.register(
-            path, "aiodp-x.sock", "nvidia.com/gpu", server.OPTIONS,
-            call_timeout=5, delays=(0.01,), sleep=sleep,
-        )  # fmt: skip
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    await register_then_close(path, srv, sleep, delays=(0.01,))
     assert len(pauses) == 1  # one backoff wait (jittered), then the real kubelet answered
     assert len(kubelet.requests) == 1
