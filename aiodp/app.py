@@ -14,7 +14,8 @@ main(config)
          ├─ health          health.run_health: probes -> registry
          ├─ health-events   health.run_health_events: XIDs -> registry
          ├─ config-watch    reload.run_config_watch (with a config file)
-         └─ simulated-watch reload.run_simulated_watch (simulated backend)
+         ├─ simulated-watch reload.run_simulated_watch (simulated backend)
+         └─ node-label-watch nodeconfig.run_label_watch (with --config-dir and API access)
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiodp
 from aiodp import config as cfg
-from aiodp import generations, health, metrics, probes, reload, retry
+from aiodp import generations, health, metrics, nodeconfig, probes, reload, retry
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry
@@ -37,6 +38,9 @@ from aiodp.errors import BackendUnavailable, ConfigError, ListenError
 from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
 from aiodp.status import Status
+
+if TYPE_CHECKING:
+    from lightkube import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,34 @@ def _signals(stop: asyncio.Event, hup: asyncio.Event, status: Status) -> Iterato
             loop.remove_signal_handler(sig)
 
 
+async def _node_label(config: Config) -> tuple[AsyncClient | None, str | None]:
+    """With --config-dir: the API client (None without access) and the node's label now."""
+    if config.config_dir is None or not config.node_name:
+        return None, None
+    api = nodeconfig.client(config)
+    if api is None:
+        return None, None
+    return api, await nodeconfig.read_label(api, config)
+
+
+def _with_label(config: Config, label: str) -> Config:
+    """The start-up config with the config the node's label names (ConfigError if none)."""
+    assert config.config_dir is not None
+    chosen = cfg.choose_config(
+        label, cfg.named_configs(config.config_dir), config.default_config,
+        config.fallback_strategies,
+    )  # fmt: skip
+    path = None if chosen is None else config.config_dir / chosen
+    if path == config.config_file:
+        return config
+    file = None if path is None else cfg.load(path, limit=config.max_file_bytes)
+    sources = {**config.sources, "config_file": f"node label {config.node_label}"}
+    log.info("node label %s=%s: config %s", config.node_label, label, path)
+    return cfg.build(
+        {**config.overrides, "config_file": path}, file, command=config.command, sources=sources
+    )
+
+
 async def _wait_stop(stop: asyncio.Event) -> NoReturn:
     await stop.wait()
     raise _Shutdown
@@ -233,6 +265,11 @@ async def _serve(
             metrics.set_backend_state("simulated", True)
             stack.callback(metrics.set_backend_state, "simulated", False)
         status.set_phase("discovering devices")
+        api, label = await _node_label(config)
+        if api is not None:
+            stack.push_async_callback(api.close)
+        if label is not None:
+            config = _with_label(config, label)
         infos, live = await reload.discover(backend, config)
         log.info(
             "discovered %d GPU(s): %s", len(infos), ", ".join(f"{g.index}={g.uuid}" for g in infos)
@@ -281,6 +318,9 @@ async def _serve(
             tasks.append(
                 ("simulated-watch", reload.run_simulated_watch(backend, reloader, health_wake))
             )
+        if api is not None:
+            watch_label = nodeconfig.run_label_watch(api, config, label, reloader.select_config)
+            tasks.append(("node-label-watch", watch_label))
         async with asyncio.TaskGroup() as tg:
             for name, coro in tasks:
                 status.eternal_task(tg.create_task(coro, name=name))

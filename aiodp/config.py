@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Final, Literal, NoReturn, TypeVar, cast
 
 from aiodp import configfile
-from aiodp.errors import ConfigError, cut, cut_text
+from aiodp.errors import ConfigError, brief, cut, cut_text
 
 RESOURCE_GPU: Final = "nvidia.com/gpu"
 DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
@@ -179,6 +179,20 @@ class Config:
     """NVIDIA's CDI generation feature flags; accepted, aiodp generates no spec."""
     cdi_disable_hooks: tuple[str, ...] = ()
     """OCI hooks left out of a generated CDI spec; accepted, aiodp generates no spec."""
+    config_dir: Path | None = None
+    """A mounted ConfigMap of named configs: the node's label picks one (NVIDIA's
+    config-manager, done in our loop); `config_file` is then the chosen one."""
+    node_name: str = ""
+    """This node (the chart sets NODE_NAME from the pod's spec.nodeName)."""
+    node_label: str = "nvidia.com/device-plugin.config"
+    default_config: str = ""
+    """The config of a node without the label (NVIDIA's config.default)."""
+    fallback_strategies: tuple[str, ...] = ("named", "single")
+    """Without a label or a default: a config named "default", then the only config."""
+    kubeconfig: Path | None = None
+    """A kubeconfig outside a pod; in a pod the service account is used."""
+    api_timeout: float = 5.0
+    """Seconds one API read may take at start before the default config is used."""
     cdi_spec_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
     """Where the node's CDI specs are; with a CDI strategy every name we hand out must be
     defined there (else /readyz is 503 and one line says how to create the spec)."""
@@ -285,6 +299,14 @@ def _parser() -> _Parser:
     )
     add("--cdi-feature-flags", action="append", help="comma list (CDI_FEATURE_FLAGS)")
     add("--cdi-disable-hooks", action="append", help="comma list, or all (CDI_DISABLE_HOOKS)")
+    add("--config-dir", help="a ConfigMap of named configs, one per node by label "
+        "(AIODP_CONFIG_DIR, CONFIG_FILE_SRCDIR)")  # fmt: skip
+    add("--node-name", help="this node's name, for its config label (NODE_NAME)")
+    add("--node-label", help="the label naming this node's config (NODE_LABEL) "
+        "[nvidia.com/device-plugin.config]")  # fmt: skip
+    add("--default-config", help="config for nodes without the label (DEFAULT_CONFIG)")
+    add("--fallback-strategies", help="named,single,empty (FALLBACK_STRATEGIES) [named,single]")
+    add("--kubeconfig", help="kubeconfig outside a pod (AIODP_KUBECONFIG) [the service account]")
     add(
         "--cdi-spec-dirs",
         help="where the node's CDI specs are, checked against the names we hand out "
@@ -371,6 +393,12 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "cdi_feature_flags": "CDI_FEATURE_FLAGS",
     "cdi_disable_hooks": "CDI_DISABLE_HOOKS",
     "cdi_spec_dirs": "AIODP_CDI_SPEC_DIRS",
+    "config_dir": ("AIODP_CONFIG_DIR", "CONFIG_FILE_SRCDIR"),
+    "node_name": "NODE_NAME",
+    "node_label": "NODE_LABEL",
+    "default_config": "DEFAULT_CONFIG",
+    "fallback_strategies": "FALLBACK_STRATEGIES",
+    "kubeconfig": "AIODP_KUBECONFIG",
 }
 
 
@@ -460,6 +488,14 @@ def _words(value: object) -> tuple[str, ...]:
     """A comma list (flag, repeated flag, variable) or a YAML list of words."""
     raw = [_text(v) for v in value] if isinstance(value, list | tuple) else _text(value).split(",")
     return tuple(dict.fromkeys(w.strip() for w in raw if w.strip()))
+
+
+def _fallbacks(value: object) -> tuple[str, ...]:
+    items = _words(value)
+    for item in items:
+        if item not in ("named", "single", "empty"):
+            raise ValueError(f"unknown strategy {cut(item)}; must be among named, single, empty")
+    return items
 
 
 def _paths(value: object) -> tuple[Path, ...]:
@@ -555,7 +591,50 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "cdi_feature_flags": _words,
     "cdi_disable_hooks": _words,
     "cdi_spec_dirs": _paths,
+    "config_dir": _path,
+    "node_name": _nonempty,
+    "node_label": _nonempty,
+    "default_config": _text,
+    "fallback_strategies": _fallbacks,
+    "kubeconfig": _path,
 }
+
+
+def named_configs(config_dir: Path) -> list[str]:
+    """The named configs in a mounted ConfigMap directory (its keys; `..data` and the dated
+    directories are the volume's own). Blocking: a listdir."""
+    try:
+        names = sorted(p.name for p in config_dir.iterdir())
+    except OSError:
+        return []
+    return [n for n in names if not n.startswith(".")]
+
+
+def choose_config(
+    label: str | None, names: Sequence[str], default: str, fallbacks: Sequence[str]
+) -> str | None:
+    """NVIDIA's choice of config (pure): the label's, else `default`, else the fallbacks in
+    order (`named`: a config called "default"; `single`: the only one; `empty`: none, which
+    returns None). Raises ConfigError naming what is missing."""
+    if label:
+        if label in names:
+            return label
+        raise ConfigError(f"node label names config {cut_text(label)!r}, not among {brief(names)}")
+    if default:
+        if default in names:
+            return default
+        raise ConfigError(f"the default config {default!r} is not among {brief(names)}")
+    for strategy in fallbacks:
+        if strategy == "named" and "default" in names:
+            return "default"
+        if strategy == "single" and len(names) == 1:
+            return names[0]
+        if strategy == "empty":
+            return None
+    raise ConfigError(
+        f"no config for this node: no label, no default config, and the fallbacks "
+        f"({', '.join(fallbacks)}) find none among {brief(names)}"
+    )
 
 
 def resolve(
@@ -593,6 +672,21 @@ def resolve(
     overrides["notes"] = tuple(notes)
     command: Command = ns.command or "serve"
     path = overrides.get("config_file")
+    config_dir = overrides.get("config_dir")
+    if isinstance(config_dir, Path):  # the label is not known yet: the default for now
+        if "config_file" in overrides:
+            raise ConfigError("--config-file and --config-dir: give one of them")
+        default = Config()
+        chosen = choose_config(
+            None,
+            named_configs(config_dir),
+            str(overrides.get("default_config", default.default_config)),
+            cast(
+                tuple[str, ...], overrides.get("fallback_strategies", default.fallback_strategies)
+            ),
+        )
+        overrides["config_file"] = None if chosen is None else config_dir / chosen
+        sources["config_file"] = f"{config_dir} (default for a node without the label)"
     limit = overrides.get("max_file_bytes", configfile.MAX_FILE_BYTES)
     assert isinstance(limit, int)
     file = load(path, read, limit=limit) if isinstance(path, Path) else None

@@ -190,6 +190,40 @@ class Reloader:
         log.info("serving %s", describe(plan))
         return True
 
+    async def select_config(self, label: str | None) -> None:
+        """The node's config label changed: switch to the config it names (NVIDIA's
+        config-manager rules); an unknown name is refused and the running config kept."""
+        running = self.holder.current().config
+        config_dir = running.config_dir
+        if config_dir is None:
+            return
+        try:
+            names = await asyncio.to_thread(cfg.named_configs, config_dir)
+            chosen = cfg.choose_config(
+                label, names, running.default_config, running.fallback_strategies
+            )
+            path = None if chosen is None else config_dir / chosen
+            file = None
+            if path is not None:
+                file = await asyncio.to_thread(
+                    functools.partial(cfg.load, path, limit=running.max_file_bytes)
+                )
+            sources = {**running.sources, "config_file": f"node label {running.node_label}"}
+            new = cfg.build(
+                {**running.overrides, "config_file": path},
+                file,
+                command=running.command,
+                sources=sources,
+            )
+            applied = await self.apply(new, rediscover=False)
+        except ConfigError as e:
+            log.warning("node config switch refused, keeping the running config: %s", e)
+            self.on_result("rejected")
+            return
+        self.on_result("applied" if applied else "unchanged")
+        if applied:
+            log.info("config switched to %s (node label %s)", path or "none", label or "unset")
+
     async def reload_config(self) -> None:
         """A config file edit: apply it if valid, else keep the running config."""
         try:

@@ -46,6 +46,18 @@ class ApiServer:
         self._tls.check_hostname = False
         self._tls.verify_mode = ssl.CERT_NONE  # its own self-signed certificate, on loopback
 
+    def kubeconfig(self, directory: Path) -> Path:
+        """A kubeconfig for this server (admin token; its self-signed certificate trusted)."""
+        path = directory / "kubeconfig"
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
+            "clusters": [{"name": "e2e", "cluster": {"server": self.url,
+                                                     "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "e2e", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}],
+        }))  # fmt: skip
+        return path
+
     async def __aenter__(self) -> ApiServer:
         d = self.directory
         client, peer = _free_port(), _free_port()

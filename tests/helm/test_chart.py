@@ -155,7 +155,16 @@ def test_chart_config_map_is_mounted_as_a_directory() -> None:
     objects = render(VALUE_SETS["mig-mixed-configmap"])
     (cm,) = kind(objects, "ConfigMap")
     assert set(cm["data"]) == {"default", "ts"}
-    assert env(objects)["CONFIG_FILE"] == "/config/ts"
+    # several configs: the node's label picks one, "ts" for a node without it
+    assert env(objects)["AIODP_CONFIG_DIR"] == "/config"
+    assert env(objects)["DEFAULT_CONFIG"] == "ts"
+    assert "CONFIG_FILE" not in env(objects)
+    assert pod(objects)["serviceAccountName"] == "gpu-nvidia-gpu"
+    (role,) = kind(objects, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert kind(objects, "ClusterRoleBinding")[0]["subjects"][0]["name"] == "gpu-nvidia-gpu"
     assert env(objects)["MIG_STRATEGY"] == "mixed"
     assert env(objects)["NVIDIA_MIG_MONITOR_DEVICES"] == "all"
     mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "config")
@@ -168,7 +177,9 @@ def test_chart_config_map_is_mounted_as_a_directory() -> None:
 def test_chart_external_config_map() -> None:
     objects = render({"config": {"name": "my-configs"}})
     assert not kind(objects, "ConfigMap")
-    assert env(objects)["CONFIG_FILE"] == "/config/default"
+    assert env(objects)["AIODP_CONFIG_DIR"] == "/config"  # its keys are named configs
+    assert env(objects)["FALLBACK_STRATEGIES"] == "named,single"
+    assert kind(render({"config": {"map": {"only": "version: v1"}}}), "ClusterRole") == []
     vol = next(v for v in pod(objects)["volumes"] if v["name"] == "config")
     assert vol["configMap"]["name"] == "my-configs"
 

@@ -76,5 +76,8 @@ def test_readme_command_example_parses(line: str) -> None:
                     node = node.setdefault(p, {})
                 node[last] = yaml.safe_load(value)
         chart_schema().validate(values)
+    elif argv[:2] == ["kubectl", "label"]:  # the label aiodp reads, set as its default says
+        key = argv[4].partition("=")[0]  # kubectl label node <name> <key>=<value>
+        assert key == config.Config().node_label
     else:
         assert argv[0] == "make", line

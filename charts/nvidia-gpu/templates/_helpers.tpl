@@ -35,6 +35,11 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/* Several named configs (an external ConfigMap, or more than one inline): per-node choice. */}}
+{{- define "aiodp.perNode" -}}
+{{- if or .Values.config.name (gt (len (keys .Values.config.map)) 1) -}}true{{- end -}}
+{{- end -}}
+
 {{/* The ConfigMap holding the config files, if any. */}}
 {{- define "aiodp.configMapName" -}}
 {{- if .Values.config.name -}}
