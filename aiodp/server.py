@@ -411,11 +411,13 @@ def _cannot_serve(path: Path, e: OSError) -> str:
         owner = "not readable"
     what = e.strerror or str(e)
     hint = ""
-    if isinstance(e, PermissionError):
+    if isinstance(e, PermissionError) and os.geteuid() != 0:
         hint = (
             f"; aiodp runs as uid {os.geteuid()} and needs write access there: run it as root"
             " (the kubelet's directory is root's, and so is the kubelet)"
         )
+    elif isinstance(e, PermissionError):
+        hint = "; root without write access there: a read-only mount, or dropped capabilities?"
     return f"cannot create our socket {path}: {what} (directory {directory} {owner}){hint}"
 
 

@@ -262,12 +262,14 @@ def _readable_by_all(directory: Path) -> Path:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
 async def test_process_non_root_on_the_kubelets_directory_is_one_line(short_dir: Path) -> None:
-    """The image runs as root; run as another user, the root-owned directory is one clear
-    line (which directory, which access, what to do) and exit 1, not a traceback."""
+    """A directory we may not write (as a non-root user meets the kubelet's): one clear line
+    (which directory, its owner and mode, what to do) and exit 1, not a traceback. Root
+    without CAP_DAC_OVERRIDE stands in for another user (pyenv's Python is not theirs)."""
     devices = _readable_by_all(short_dir)
     async with FakeKubelet(short_dir):
+        os.chown(short_dir, 65534, 65534)  # the stand-in's socket is already there
         proc = await asyncio.create_subprocess_exec(
-            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
             sys.executable, "-m", "aiodp", "serve", "--backend=simulated",
             f"--simulated-devices={devices}", f"--kubelet-socket={short_dir / 'kubelet.sock'}",
             "--metrics-address=",
@@ -278,5 +280,5 @@ async def test_process_non_root_on_the_kubelets_directory_is_one_line(short_dir:
     assert (
         f"cannot create our socket {short_dir / 'aiodp-nvidia-gpu.sock'}: Permission denied" in err
     )
-    assert "run it as root" in err
+    assert f"(directory {short_dir} owned by uid 65534, mode 755)" in err
     assert "Traceback" not in err
