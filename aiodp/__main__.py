@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiodp
-from aiodp import app, config, demo, logs
+from aiodp import app, config, demo, logs, statuscli
 from aiodp.errors import ConfigError
 
 log = logging.getLogger("aiodp")
@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure()
         log.error("%s", e)
         return 2
+    if cfg.command == "status":
+        return statuscli.run(cfg)
     if cfg.command == "demo":
         # The demo prints its own story on stdout; logs stay for warnings unless debugging.
         logs.configure("debug" if cfg.log_level == "debug" else "warning", cfg.log_format)

@@ -193,6 +193,7 @@ async def _run(
                     loop.time(), config.health_interval, config.health_policy.probes
                 ),
                 readiness=status.readiness,
+                status=status.snapshot,
             )
             bound: asyncio.Future[probes.Endpoint] = loop.create_future()
             status.eternal_task(
@@ -297,7 +298,7 @@ async def _serve(
         tracker = health.HealthTracker(
             registry, recovery_period=config.health_recovery_period, policy=config.health_policy
         )
-        status.serving(holder, lambda: tracker.last_probe)
+        status.serving(holder, lambda: tracker.last_probe, registry)
         status.set_phase("registering with the kubelet")
         reloader = reload.Reloader(holder, infos, backend, registry, tracker, status.reloaded)
         health_wake = asyncio.Event()

@@ -21,7 +21,7 @@ from aiodp.errors import ConfigError, brief, cut, cut_text
 RESOURCE_GPU: Final = "nvidia.com/gpu"
 DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
 
-Command = Literal["serve", "demo"]
+Command = Literal["serve", "demo", "status"]
 BackendName = Literal["auto", "nvml", "simulated"]
 IdStrategy = Literal["uuid", "index"]
 LogFormat = Literal["text", "json"]
@@ -193,6 +193,8 @@ class Config:
     """A kubeconfig outside a pod; in a pod the service account is used."""
     api_timeout: float = 5.0
     """Seconds one API read may take at start before the default config is used."""
+    output: Literal["table", "json", "yaml"] = dataclasses.field(default="table", compare=False)
+    """How `aiodp status` prints."""
     cdi_spec_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
     """Where the node's CDI specs are; with a CDI strategy every name we hand out must be
     defined there (else /readyz is 503 and one line says how to create the spec)."""
@@ -243,7 +245,9 @@ T = TypeVar("T")
 
 def _parser() -> _Parser:
     p = _Parser(prog="aiodp", description="Kubernetes device plugin for NVIDIA GPUs")
-    p.add_argument("command", nargs="?", choices=("serve", "demo"), default=None)
+    p.add_argument("command", nargs="?", choices=("serve", "demo", "status"), default=None)
+    p.add_argument("--output", "-o", choices=("table", "json", "yaml"), default="table",
+                   help="aiodp status: how to print [table]")  # fmt: skip
     add = p.add_argument
     add("--config-file", help="NVIDIA's version: v1 config file, applied live (CONFIG_FILE)")
     add("--mig-strategy", help="none|single|mixed (MIG_STRATEGY) [none]")
@@ -690,7 +694,8 @@ def resolve(
     limit = overrides.get("max_file_bytes", configfile.MAX_FILE_BYTES)
     assert isinstance(limit, int)
     file = load(path, read, limit=limit) if isinstance(path, Path) else None
-    return build(overrides, file, command=command, sources=sources)
+    config = build(overrides, file, command=command, sources=sources)
+    return dataclasses.replace(config, output=ns.output) if ns.output != "table" else config
 
 
 def effective(config: Config) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from grpclib import GRPCError
 
-from aiodp import app, metrics, testbed
+from aiodp import app, metrics, statuscli, testbed
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.fakekubelet import FakeKubelet, Update
 from aiodp.status import Status
@@ -138,6 +138,12 @@ async def run(base: Config) -> int:
                 f"\n5. kubelet restart: re-registered after {_ms(reg2.at - t)}, "
                 f"device list back after {_ms(time.monotonic() - t)}"
             )
+            if status.endpoint is not None:
+                url = f"http://{status.endpoint.address}/status"
+                doc = await asyncio.to_thread(statuscli.fetch, url)
+                say(f"\n   `aiodp status` (from {url}):\n")
+                say("   " + statuscli.table(doc).rstrip("\n").replace("\n", "\n   "))
+
             stop.set()
             code = await plugin
             left = _sockets(directory)

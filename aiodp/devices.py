@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-from collections.abc import AsyncGenerator, Iterable, Mapping
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
@@ -134,12 +135,18 @@ class DeviceRegistry:
     each change: a slow reader skips versions, and unchanged state wakes nobody.
     """
 
-    def __init__(self, devices: Iterable[Device] = ()) -> None:
+    def __init__(self, devices: Iterable[Device] = (), clock: Callable[[], float] = time.time):
         self._inventory = Inventory.of(devices, 0)
         self._changed = asyncio.Event()
+        self._clock = clock
+        self._since: dict[DeviceId, float] = {d.id: clock() for d in self._inventory.devices}
 
     def inventory(self) -> Inventory:
         return self._inventory
+
+    def since(self, device_id: DeviceId) -> float | None:
+        """When the device last changed health (or appeared), wall-clock seconds."""
+        return self._since.get(device_id)
 
     def get(self, device_id: str) -> Device | None:
         return self._inventory.get(device_id)
@@ -187,6 +194,12 @@ class DeviceRegistry:
         changed.set()
 
     def _publish(self, devices: tuple[Device, ...]) -> None:
+        old = {d.id: d.health for d in self._inventory.devices}
+        now = self._clock()
+        self._since = {
+            d.id: now if old.get(d.id) is not d.health else self._since.get(d.id, now)
+            for d in devices
+        }
         self._inventory = Inventory.of(devices, self._inventory.version + 1)
         self.wake()
 

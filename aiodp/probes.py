@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 from aiodp import metrics
 from aiodp.errors import ListenError
@@ -91,9 +92,16 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
 class Probes:
     """Answers the three paths from the checks it is given."""
 
-    def __init__(self, liveness: Check, readiness: Check) -> None:
+    def __init__(
+        self,
+        liveness: Check,
+        readiness: Check,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self.liveness = liveness
         self.readiness = readiness
+        self.status = status
+        """The node as the plugin sees it, for /status (read-only JSON)."""
         self.open = 0
         """Connections being answered now."""
         self.refused = 0
@@ -105,12 +113,14 @@ class Probes:
         if path == "/metrics":
             body, ctype = metrics.render()
             return 200, body, ctype
+        if path == "/status" and self.status is not None:
+            return 200, json.dumps(self.status(), indent=1).encode() + b"\n", "application/json"
         if path in ("/healthz", "/readyz"):
             problem = (self.liveness if path == "/healthz" else self.readiness)()
             if problem is None:
                 return 200, b"ok\n", "text/plain"
             return 503, problem.encode() + b"\n", "text/plain"
-        return 404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain"
+        return 404, b"not found: try /metrics, /healthz, /readyz, /status\n", "text/plain"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request per connection; over MAX_CONNECTIONS at once, closed unanswered."""
@@ -162,7 +172,9 @@ async def serve(address: str, probes: Probes) -> AsyncIterator[Endpoint]:
         ) from None
     sock = server.sockets[0].getsockname()
     endpoint = Endpoint(str(sock[0]), int(sock[1]))
-    log.info("metrics and probes on http://%s (/metrics, /healthz, /readyz)", endpoint.address)
+    log.info(
+        "metrics and probes on http://%s (/metrics, /healthz, /readyz, /status)", endpoint.address
+    )
     try:
         yield endpoint
     finally:

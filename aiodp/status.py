@@ -8,12 +8,16 @@ tests wait on `wait_for(...)`.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+import aiodp
 from aiodp import aiokit, metrics, probes, server
+from aiodp.devices import DeviceRegistry
 from aiodp.errors import brief
 from aiodp.reload import Holder, Live
 
@@ -37,6 +41,9 @@ class Status:
         self._wanted: tuple[str, ...] = ()
         self._services: dict[str, server.DevicePluginService] = {}
         self._registered: set[str] = set()
+        self._registered_since: dict[str, float] = {}
+        self._registry: DeviceRegistry | None = None
+        self._started_at = time.time()
         self._eternal: list[asyncio.Task[Any]] = []
         self._endpoint: probes.Endpoint | None = None
         self._holder: Holder | None = None
@@ -166,10 +173,62 @@ class Status:
         self._endpoint = endpoint
         self.changed()
 
-    def serving(self, holder: Holder, heartbeat: Callable[[], float | None]) -> None:
-        """The live holder to read, and when the last health probe was applied."""
-        self._holder, self._heartbeat = holder, heartbeat
+    def serving(
+        self,
+        holder: Holder,
+        heartbeat: Callable[[], float | None],
+        registry: DeviceRegistry | None = None,
+    ) -> None:
+        """The live holder and the registry to read, and when the last probe was applied."""
+        self._holder, self._heartbeat, self._registry = holder, heartbeat, registry
         self.changed()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The node as the plugin sees it, for /status and `aiodp status` (JSON-ready)."""
+        live = self.live
+        out: dict[str, Any] = {
+            "version": aiodp.__version__,
+            "started": _iso(self._started_at),
+            "phase": self._phase,
+            "ready": self.readiness() or "ok",
+            "kubelet": None if self._kubelet is None else {"inode": self._kubelet[0]},
+            "resources": [
+                {
+                    "name": name,
+                    "registered": name in self._registered,
+                    "since": _iso(self._registered_since.get(name)),
+                    "streams": self.streams(name),
+                }
+                for name in self._wanted
+            ],
+            "devices": [],
+            "config": {},
+            "reloads": {
+                "count": len(self._reloads),
+                "last": self._reloads[-1] if self._reloads else None,
+            },
+        }
+        if live is not None:
+            out["config"] = {
+                key: {"value": _plain(getattr(live.config, key)), "source": source}
+                for key, source in live.config.sources.items()
+            }
+        if live is not None and self._registry is not None:
+            out["devices"] = [
+                {
+                    "id": d.id,
+                    "resource": d.resource,
+                    "index": d.index,
+                    "health": d.health.value,
+                    "reason": d.reason,
+                    "since": _iso(self._registry.since(d.id)),
+                    "numa": d.numa_node,
+                    "nvlink_peers": _peers(live, d.gpu),
+                    "pod": None,
+                }
+                for d in self._registry.inventory().devices
+            ]
+        return out
 
     def want(self, resources: Iterable[str]) -> None:
         self._wanted = tuple(sorted(resources))
@@ -196,6 +255,7 @@ class Status:
         self._registrations += 1
         self._accepted_at.append(time.time())
         self._registered.add(resource)
+        self._registered_since[resource] = time.time()
         if self.registered:
             self.ready.set()
         self.changed()
@@ -223,3 +283,30 @@ class Status:
         metrics.observe_config_reload(result)
         self._reloads.append(result)
         self.changed()
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _plain(value: object) -> object:
+    """A config value as JSON: paths as strings, tuples as lists, the rest as repr-able text."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _peers(live: Live, gpu: str) -> dict[str, int]:
+    """NVLink peers of a GPU, by the other GPU's index: link counts from the topology."""
+    out = {}
+    for pair, score in live.topo.scores.items():
+        if gpu in pair and score >= 100:
+            (other,) = pair - {gpu}
+            out[str(live.topo.order.get(other, other))] = score // 100
+    return dict(sorted(out.items()))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 from grpclib import GRPCError
 
-from aiodp import metrics, probes
+from aiodp import metrics, probes, statuscli
 from aiodp.config import RESOURCE_GPU
 from aiodp.fakekubelet import FakeKubelet
 from aiodp.testbed import http_get
@@ -173,3 +174,26 @@ async def test_observability_idle_connection_flood_is_capped(plugin: Running) ->
     assert (await status(plugin, "/healthz"))[0] == 200
     resp = await plugin.k.allocate(RESOURCE_GPU, [plugin.k.devices(RESOURCE_GPU)[0].id])
     assert len(resp.container_responses) == 1
+
+
+async def test_observability_status_shows_the_node(plugin: Running) -> None:
+    """/status: read-only JSON of what the plugin knows (resources, devices, config)."""
+    assert plugin.state.endpoint is not None
+    write_atomically(plugin.devices_file, h100_node({2: "XID 79 (simulated)"}))
+    await next_update(plugin.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
+    code, body = await status(plugin, "/status")
+    assert code == 200
+    doc = json.loads(body)
+    assert doc["ready"] == "ok"
+    (gpu,) = doc["resources"]
+    assert (gpu["name"], gpu["registered"], gpu["streams"]) == ("nvidia.com/gpu", True, 1)
+    devices = {d["index"]: d for d in doc["devices"]}
+    assert devices["2"]["health"] == "Unhealthy"
+    assert devices["2"]["reason"] == "XID 79 (simulated)"
+    assert devices["2"]["since"] is not None
+    assert devices["0"]["numa"] == 0
+    assert devices["0"]["nvlink_peers"] == {"1": 4, "2": 4, "3": 4, "4": 2}
+    assert doc["config"]["metrics_address"]["source"] == "flag or env"
+    text = statuscli.table(doc)
+    assert "XID 79 (simulated)" in text
+    assert "nvidia.com/gpu" in text

@@ -282,3 +282,26 @@ async def test_process_non_root_on_the_kubelets_directory_is_one_line(short_dir:
     )
     assert f"(directory {short_dir} owned by uid 65534, mode 755)" in err
     assert "Traceback" not in err
+
+
+async def test_process_status_command_asks_the_running_plugin(short_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"AIODP_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+    down = await aiodp("status", env=env)
+    code, _, err = await finish(down)
+    assert code == 1
+    assert f"no aiodp answers at http://127.0.0.1:{port}/status" in err
+    assert len(err.strip().splitlines()) == 1
+    async with FakeKubelet(short_dir) as kubelet:
+        proc = await serve_simulated(short_dir, f"--metrics-address=127.0.0.1:{port}")
+        await kubelet.registrations.get()
+        await next_update(kubelet, lambda u: bool(u.devices))
+        for output in ("json", "yaml", "table"):
+            asked = await aiodp("status", f"--output={output}", env=env)
+            code, out, err = await finish(asked)
+            assert code == 0, err
+            assert "GPU-00000007-aiod-4d3e-8f00-00005eed0007" in out
+        proc.send_signal(signal.SIGTERM)
+        assert (await finish(proc))[0] == 0

@@ -1,0 +1,82 @@
+"""What `aiodp status` shows: the node as the running plugin sees it, asked over its read-only
+/status endpoint (never the gRPC socket; nothing is changed), as a table, JSON or YAML."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+import yaml
+
+from aiodp.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def status_url(metrics_address: str) -> str | None:
+    """Where /status is: ":8080" means this host; None when the metrics server is off."""
+    if not metrics_address:
+        return None
+    host, _, port = metrics_address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}/status"
+
+
+def fetch(url: str, timeout: float = 3.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
+
+
+def run(config: Config, out: TextIO = sys.stdout) -> int:
+    """Print the status; 1 with one line when the plugin does not answer."""
+    url = status_url(config.metrics_address)
+    if url is None:
+        print("aiodp status: the metrics server is off (--metrics-address is empty): "  # noqa: T201
+              "nothing to ask", file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        doc = fetch(url)
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"aiodp status: no aiodp answers at {url} ({reason})", file=sys.stderr)  # noqa: T201
+        return 1
+    if config.output == "json":
+        out.write(json.dumps(doc, indent=2) + "\n")
+    elif config.output == "yaml":
+        out.write(yaml.safe_dump(doc, sort_keys=False))
+    else:
+        out.write(table(doc))
+    return 0
+
+
+def table(doc: dict[str, Any]) -> str:
+    """One screen: the plugin, its resources, every device, the settings not at default."""
+    lines = [f"aiodp {doc.get('version')} since {doc.get('started')}: {doc.get('ready')}", ""]
+    lines.append(f"{'RESOURCE':<32} {'REGISTERED':<10} {'SINCE':<26} STREAMS")
+    for r in doc.get("resources", []):
+        lines.append(
+            f"{r['name']:<32} {'yes' if r['registered'] else 'no':<10} "
+            f"{r['since'] or '-':<26} {r['streams']}"
+        )
+    lines += ["", f"{'DEVICE':<44} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
+              "POD  REASON"]  # fmt: skip
+    for d in doc.get("devices", []):
+        peers = ",".join(f"{k}x{v}" for k, v in d["nvlink_peers"].items()) or "-"
+        numa = "-" if d["numa"] is None else str(d["numa"])
+        lines.append(
+            f"{d['id']:<44} {d['health']:<10} {d['since'] or '-':<26} {numa:<5} {peers:<16} "
+            f"{d['pod'] or '-':<4} {d['reason']}"
+        )
+    changed = {k: v for k, v in doc.get("config", {}).items() if v["source"] != "default"}
+    lines += ["", "SETTINGS NOT AT DEFAULT"]
+    lines += [f"  {k} = {v['value']}  ({v['source']})" for k, v in sorted(changed.items())]
+    reloads = doc.get("reloads", {})
+    lines += ["", f"config reloads: {reloads.get('count', 0)}, last: {reloads.get('last') or '-'}"]
+    return "\n".join(lines) + "\n"
