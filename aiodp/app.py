@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiodp
 from aiodp import config as cfg
 from aiodp import generations, health, metrics, nodeconfig, probes, reload, retry
-from aiodp.backend import DeviceBackend
+from aiodp.backend import DeviceBackend, GpuMetrics
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry
 from aiodp.errors import BackendUnavailable, ConfigError, ListenError
@@ -311,6 +312,26 @@ async def _serve(
                 backend, tracker, interval=config.health_interval, wake=health_wake
             )
             tasks.append(("health", probe))
+        if config.device_metrics_interval > 0:
+            latest: dict[str, Mapping[str, object]] = {}
+            gpus = {g.uuid: g for g in infos}
+
+            def keep(reading: Mapping[str, GpuMetrics]) -> None:
+                latest.clear()
+                latest.update({u: dataclasses.asdict(m) for u, m in reading.items()})
+
+            metrics.set_gpu_source(
+                lambda: [
+                    ({"gpu": str(gpus[u].index), "UUID": u, "modelName": gpus[u].name}, values)
+                    for u, values in sorted(latest.items())
+                    if u in gpus
+                ]
+            )
+            stack.callback(metrics.set_gpu_source, None)
+            reading = health.run_device_metrics(
+                backend, interval=config.device_metrics_interval, on_reading=keep
+            )
+            tasks.append(("device-metrics", reading))
         if config.health_policy.watches_xids:
             tasks.append(("health-events", health.run_health_events(backend, tracker)))
         if config.config_file is not None:

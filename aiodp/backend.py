@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, Self
 
+from aiodp import metrics
 from aiodp.devices import Health, imex_channel_path
 from aiodp.errors import BackendError
 from aiodp.topology import Topology
 
 __all__ = [
     "CONTROL_PATHS",
+    "NVLINK_ERRORS",
     "BackendError",
     "DeviceBackend",
     "DeviceInfo",
+    "GpuMetrics",
     "HealthEvent",
     "MigInfo",
     "Probe",
@@ -81,6 +84,36 @@ class DeviceInfo:
     """A backend that knows health at discovery (the simulated file) says so here."""
 
 
+CLOCK_EVENTS: Final = metrics.CLOCK_EVENT_LABELS
+"""Why clocks are held down (NVML's clock-event reasons, bit 0 upwards): a bounded label set."""
+NVLINK_ERRORS: Final = ("replay", "recovery", "crc_flit", "crc_data")
+"""NVLink data-link error counters (NVML_NVLINK_ERROR_DL_*, in that order)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMetrics:
+    """One reading of a GPU's counters; None where the device does not support one."""
+
+    utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
+    power_watts: float | None = None
+    energy_joules: float | None = None
+    temperature_celsius: float | None = None
+    sm_clock_hertz: float | None = None
+    memory_clock_hertz: float | None = None
+    clock_events: frozenset[str] | None = None
+    ecc_corrected: float | None = None
+    ecc_uncorrected: float | None = None
+    retired_pages: float | None = None
+    remapped_rows_corrected: float | None = None
+    remapped_rows_uncorrected: float | None = None
+    pcie_replays: float | None = None
+    nvlink_errors: Mapping[str, float] | None = None
+    """Per NVLink error counter (`crc_flit`, `crc_data`, `replay`, `recovery`), over all links."""
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """One health verdict about a GPU, with the reason when Unhealthy."""
@@ -116,3 +149,6 @@ class DeviceBackend(Protocol):
     async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]: ...
     def health_events(self) -> AsyncGenerator[HealthEvent, None]: ...
     async def topology(self) -> Topology: ...
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        """A reading of every GPU's counters, by GPU UUID (off the loop)."""
+        ...

@@ -152,6 +152,8 @@ class Config:
     health_recovery_period: float = 300.0
     """Seconds of passing probes, with no new critical event, before an Unhealthy device is
     Healthy again; 0 never brings it back (NVIDIA's behaviour)."""
+    device_metrics_interval: float = 10.0
+    """Seconds between readings of the GPUs' counters for /metrics; 0 turns them off."""
     health_policy: HealthPolicy = HealthPolicy()
     """XIDs that act and whether probes run (DP_DISABLE_HEALTHCHECKS, DP_ENABLE_HEALTHCHECKS)."""
     proc_root: Path = Path("/proc")
@@ -356,6 +358,11 @@ def _parser() -> _Parser:
         help="largest config or simulated-devices file read (AIODP_MAX_FILE_BYTES) [1048576]",
     )
     add(
+        "--device-metrics-interval",
+        help="seconds between GPU counter readings for /metrics, 0 = off "
+        "(AIODP_DEVICE_METRICS_INTERVAL) [10]",
+    )
+    add(
         "--shutdown-timeout",
         help="seconds to close streams, servers and the backend at exit "
         "(AIODP_SHUTDOWN_TIMEOUT) [10]",
@@ -384,6 +391,7 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "metrics_address": "AIODP_METRICS_ADDRESS",
     "health_interval": "AIODP_HEALTH_INTERVAL",
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
+    "device_metrics_interval": "AIODP_DEVICE_METRICS_INTERVAL",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
     "max_file_bytes": "AIODP_MAX_FILE_BYTES",
     "gdrcopy_enabled": "GDRCOPY_ENABLED",
@@ -582,6 +590,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "metrics_address": _address,
     "health_interval": _seconds,
     "health_recovery_period": _period,
+    "device_metrics_interval": _period,
     "shutdown_timeout": _seconds,
     "max_file_bytes": _file_bytes,
     "gdrcopy_enabled": parse_bool,

@@ -23,7 +23,7 @@ from aiodp import app, metrics, statuscli, testbed
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.fakekubelet import FakeKubelet, Update
 from aiodp.status import Status
-from aiodp.testbed import h100_node, http_get, write_atomically
+from aiodp.testbed import DEMO_METRICS, h100_node, http_get, write_atomically
 
 
 async def _next_update(kubelet: FakeKubelet, ok: Callable[[Update], bool]) -> Update:
@@ -45,7 +45,7 @@ async def run(base: Config) -> int:
     directory = Path(tempfile.mkdtemp(prefix="aiodp-demo-"))
     try:
         devices_file = directory / "devices.yaml"
-        devices_file.write_text(h100_node())
+        devices_file.write_text(h100_node(metrics=DEMO_METRICS))
         config = dataclasses.replace(
             base,
             command="serve",
@@ -89,7 +89,8 @@ async def run(base: Config) -> int:
             say(f"   Allocate -> envs {dict(resp.container_responses[0].envs)}")
 
             write_atomically(
-                devices_file, h100_node({3: "XID 79 (simulated): GPU fell off the bus"})
+                devices_file,
+                h100_node({3: "XID 79 (simulated): GPU fell off the bus"}, DEMO_METRICS),
             )
             t = time.monotonic()
             up = await _next_update(
@@ -97,7 +98,7 @@ async def run(base: Config) -> int:
                 lambda u: any(d.id == ids[3] and d.health == "Unhealthy" for d in u.devices),
             )
             sick = _ms(up.at - t)
-            write_atomically(devices_file, h100_node())
+            write_atomically(devices_file, h100_node(metrics=DEMO_METRICS))
             t = time.monotonic()
             up = await _next_update(
                 kubelet, lambda u: all(d.health == "Healthy" for d in u.devices)
@@ -129,6 +130,12 @@ async def run(base: Config) -> int:
                     'aiodp_registrations_total{resource="nvidia.com/gpu",result="success"}',
                 ):
                     say(f"   {key} = {values.get(key, 0):g}")
+                watts = [v for k, v in values.items() if k.startswith("aiodp_gpu_power_watts{")]
+                if watts:
+                    say(
+                        f"   aiodp_gpu_power_watts: {len(watts)} GPUs, "
+                        f"{min(watts):g}-{max(watts):g} W (the simulated file's metrics: blocks)"
+                    )
 
             t = time.monotonic()
             await kubelet.restart()

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from aiodp import metrics
-from aiodp.backend import DeviceBackend, HealthEvent, Probe
+from aiodp.backend import DeviceBackend, GpuMetrics, HealthEvent, Probe
 from aiodp.config import HealthPolicy
 from aiodp.devices import Device, DeviceRegistry, Health, Uuid
+from aiodp.errors import cut_text
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,25 @@ async def run_health(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await wake.wait()
+
+
+async def run_device_metrics(
+    backend: DeviceBackend,
+    *,
+    interval: float,
+    on_reading: Callable[[Mapping[str, GpuMetrics]], None],
+) -> NoReturn:
+    """Read every GPU's counters every `interval` seconds (in the backend's thread); a failed
+    reading is the backend's to count, never a health verdict, and never stops the plugin."""
+    while True:
+        try:
+            reading = await backend.read_metrics()
+        except Exception as e:  # metrics are an extra: an odd driver answer must not kill serving
+            log.warning("GPU metrics: reading failed, keeping the last one: %s", cut_text(repr(e)))
+            metrics.observe_nvml_error("read_metrics")
+        else:
+            on_reading(reading)
+        await asyncio.sleep(interval)
 
 
 async def run_health_events(backend: DeviceBackend, tracker: HealthTracker) -> NoReturn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Final
 
@@ -22,7 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -157,6 +157,100 @@ class _Devices(Collector):
 
 REGISTRY.register(_Devices())
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, ...
+
+GpuRow = tuple[Mapping[str, str], Mapping[str, object]]
+"""(labels: gpu, UUID, modelName; a GPU's readings by GpuMetrics field name)."""
+_gpu_source: Callable[[], Iterable[GpuRow]] | None = None
+
+# field -> (family, help, kind); kinds: gauge, counter, or a labelled family for the rest
+GPU_FAMILIES: Final[Mapping[str, tuple[str, str, str]]] = {
+    "utilization_ratio": ("aiodp_gpu_utilization_ratio", "GPU busy time (0-1).", "gauge"),
+    "memory_utilization_ratio": (
+        "aiodp_gpu_memory_utilization_ratio", "Memory controller busy time (0-1).", "gauge"),
+    "memory_used_bytes": ("aiodp_gpu_memory_used_bytes", "Framebuffer memory used.", "gauge"),
+    "memory_total_bytes": ("aiodp_gpu_memory_total_bytes", "Framebuffer memory.", "gauge"),
+    "power_watts": ("aiodp_gpu_power_watts", "Power draw.", "gauge"),
+    "energy_joules": ("aiodp_gpu_energy_joules", "Energy used since the driver loaded.", "counter"),
+    "temperature_celsius": ("aiodp_gpu_temperature_celsius", "GPU temperature.", "gauge"),
+    "sm_clock_hertz": ("aiodp_gpu_sm_clock_hertz", "SM clock.", "gauge"),
+    "memory_clock_hertz": ("aiodp_gpu_memory_clock_hertz", "Memory clock.", "gauge"),
+    "retired_pages": ("aiodp_gpu_retired_pages", "Retired framebuffer pages.", "gauge"),
+    "pcie_replays": ("aiodp_gpu_pcie_replays", "PCIe replays.", "counter"),
+}  # fmt: skip
+
+
+class _Gpus(Collector):
+    """Per-GPU readings from the backend (absent where the device does not support one)."""
+
+    def collect(self) -> Iterator[Metric]:
+        rows = list(_gpu_source() if _gpu_source else ())
+        labels = ["gpu", "UUID", "modelName"]
+        for field, (name, doc, kind) in GPU_FAMILIES.items():
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                CounterMetricFamily(name, doc, labels=labels)
+                if kind == "counter"
+                else GaugeMetricFamily(name, doc, labels=labels)
+            )
+            for ids, values in rows:
+                value = values.get(field)
+                if isinstance(value, int | float):
+                    family.add_metric([ids[k] for k in labels], float(value))
+            yield family
+        events = GaugeMetricFamily(
+            "aiodp_gpu_clock_event_active", "1 while this reason holds clocks down.",
+            labels=[*labels, "reason"],
+        )  # fmt: skip
+        ecc = CounterMetricFamily(
+            "aiodp_gpu_ecc_errors", "ECC errors since the driver loaded (volatile).",
+            labels=[*labels, "type"],
+        )  # fmt: skip
+        rows_remapped = CounterMetricFamily(
+            "aiodp_gpu_remapped_rows", "Rows remapped for memory errors.", labels=[*labels, "type"]
+        )
+        nvlink = CounterMetricFamily(
+            "aiodp_gpu_nvlink_errors", "NVLink errors over all links.", labels=[*labels, "type"]
+        )
+        for ids, values in rows:
+            base = [ids[k] for k in labels]
+            active = values.get("clock_events")
+            if isinstance(active, frozenset):
+                for reason in CLOCK_EVENT_LABELS:
+                    events.add_metric([*base, reason], 1.0 if reason in active else 0.0)
+            for kind, field in (("corrected", "ecc_corrected"), ("uncorrected", "ecc_uncorrected")):
+                if isinstance(values.get(field), float):
+                    ecc.add_metric([*base, kind], values[field])  # type: ignore[arg-type]
+            for kind, field in (
+                ("corrected", "remapped_rows_corrected"),
+                ("uncorrected", "remapped_rows_uncorrected"),
+            ):
+                if isinstance(values.get(field), float):
+                    rows_remapped.add_metric([*base, kind], values[field])  # type: ignore[arg-type]
+            errors = values.get("nvlink_errors")
+            if isinstance(errors, Mapping):
+                for kind, n in sorted(errors.items()):
+                    nvlink.add_metric([*base, str(kind)], float(n))
+        yield events
+        yield ecc
+        yield rows_remapped
+        yield nvlink
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+CLOCK_EVENT_LABELS: Final = (
+    "gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown", "sync_boost",
+    "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown",
+    "display_clocks_setting",
+)  # fmt: skip
+REGISTRY.register(_Gpus())
+
+
+def set_gpu_source(source: Callable[[], Iterable[GpuRow]] | None) -> None:
+    """Where the per-GPU readings come from (the latest reading of the running plugin)."""
+    global _gpu_source
+    _gpu_source = source
+
 
 _task_source: Callable[[], int] | None = None
 

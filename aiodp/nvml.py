@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -24,7 +25,15 @@ import aiofiles
 import pynvml
 
 from aiodp import metrics, topology
-from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
+from aiodp.backend import (
+    CLOCK_EVENTS,
+    NVLINK_ERRORS,
+    DeviceInfo,
+    GpuMetrics,
+    HealthEvent,
+    MigInfo,
+    Probe,
+)
 from aiodp.devices import Health
 from aiodp.errors import BackendUnavailable
 
@@ -42,6 +51,18 @@ NVML_GONE: Final = frozenset(
 NOT_SUPPORTED: Final = 3
 NOT_FOUND: Final = 6
 TIMEOUT: Final = 10
+
+# Arguments of the metric readings: values fixed by NVML's C ABI (nvml.h).
+VOLATILE_ECC: Final = 0  # NVML_VOLATILE_ECC
+MEMORY_ERROR_CORRECTED: Final = 0
+MEMORY_ERROR_UNCORRECTED: Final = 1
+RETIRED_SINGLE_BIT: Final = 0  # NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+RETIRED_DOUBLE_BIT: Final = 1  # NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+TEMPERATURE_GPU: Final = 0
+CLOCK_SM: Final = 1
+CLOCK_MEM: Final = 2
+FEATURE_ENABLED: Final = 1
+MAX_NVLINKS: Final = 36  # NVML_NVLINK_MAX_LINKS (NVML 12)
 
 PCIE_RELATION: Final[Mapping[int, str]] = {
     0: "board",  # NVML_TOPOLOGY_INTERNAL
@@ -94,6 +115,8 @@ class NvmlBackend:
         self._stop_events = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._broken: str | None = None
+        self._unsupported: set[tuple[str, str]] = set()
+        """(GPU, reading) pairs NVML said it does not support: logged once."""
         """Set while NVML as a whole fails; the next probe tries to initialise it again."""
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -278,6 +301,104 @@ class NvmlBackend:
                     paths.append(f"/dev/nvidia-caps/nvidia-cap{int(value)}")
         return tuple(paths)
 
+    # -- metrics -------------------------------------------------------------------------
+
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        """Every GPU's counters, read in the NVML thread; unsupported ones are None."""
+        return dict(await self._call(self._metrics_sync))
+
+    def _metrics_sync(self) -> dict[str, GpuMetrics]:
+        out = {}
+        for info in self._infos:
+            try:
+                h = self.n.nvmlDeviceGetHandleByUUID(info.uuid)
+            except self.n.NVMLError:
+                metrics.observe_nvml_error("nvmlDeviceGetHandleByUUID")
+                continue
+            out[info.uuid] = self._gpu_metrics(info.uuid, h)
+        return out
+
+    def _read(self, uuid: str, what: str, name: str, *args: Any) -> Any:
+        """One NVML read: None when the device (or these bindings) lack it, logged once per
+        GPU and reading; None and counted when it fails; never a health verdict."""
+        fn = getattr(self.n, name, None)
+        try:
+            if fn is None:
+                raise self.n.NVMLError(NOT_SUPPORTED)
+            return fn(*args)
+        except self.n.NVMLError as e:
+            if e.value == NOT_SUPPORTED:
+                if (uuid, what) not in self._unsupported:
+                    self._unsupported.add((uuid, what))
+                    log.info("GPU %s does not support %s: that metric is left out", uuid, what)
+            else:
+                metrics.observe_nvml_error(name)
+            return None
+
+    def _gpu_metrics(self, uuid: str, h: Any) -> GpuMetrics:
+        read = functools.partial(self._read, uuid)
+        util = read("utilization", "nvmlDeviceGetUtilizationRates", h)
+        mem = read("memory", "nvmlDeviceGetMemoryInfo", h)
+        power = read("power", "nvmlDeviceGetPowerUsage", h)
+        energy = read("energy", "nvmlDeviceGetTotalEnergyConsumption", h)
+        events = read("clock events", "nvmlDeviceGetCurrentClocksEventReasons", h)
+        ecc = [
+            read("ECC errors", "nvmlDeviceGetTotalEccErrors", h, kind, VOLATILE_ECC)
+            for kind in (MEMORY_ERROR_CORRECTED, MEMORY_ERROR_UNCORRECTED)
+        ]
+        retired = [
+            read("retired pages", "nvmlDeviceGetRetiredPages", h, cause)
+            for cause in (RETIRED_SINGLE_BIT, RETIRED_DOUBLE_BIT)
+        ]
+        rows = read("row remapping", "nvmlDeviceGetRemappedRows", h)
+        return GpuMetrics(
+            utilization_ratio=None if util is None else util.gpu / 100,
+            memory_utilization_ratio=None if util is None else util.memory / 100,
+            memory_used_bytes=None if mem is None else float(mem.used),
+            memory_total_bytes=None if mem is None else float(mem.total),
+            power_watts=None if power is None else power / 1000,
+            energy_joules=None if energy is None else energy / 1000,
+            temperature_celsius=_num(
+                read("temperature", "nvmlDeviceGetTemperature", h, TEMPERATURE_GPU)
+            ),
+            sm_clock_hertz=_mhz(read("SM clock", "nvmlDeviceGetClockInfo", h, CLOCK_SM)),
+            memory_clock_hertz=_mhz(read("memory clock", "nvmlDeviceGetClockInfo", h, CLOCK_MEM)),
+            clock_events=None
+            if events is None
+            else frozenset(
+                name for bit, name in enumerate(CLOCK_EVENTS) if int(events) & (1 << bit)
+            ),
+            ecc_corrected=_num(ecc[0]),
+            ecc_uncorrected=_num(ecc[1]),
+            retired_pages=None if None in retired else float(sum(len(p) for p in retired)),
+            remapped_rows_corrected=None if rows is None else float(rows[0]),
+            remapped_rows_uncorrected=None if rows is None else float(rows[1]),
+            pcie_replays=_num(read("PCIe replays", "nvmlDeviceGetPcieReplayCounter", h)),
+            nvlink_errors=self._nvlink_errors(uuid, h),
+        )
+
+    def _nvlink_errors(self, uuid: str, h: Any) -> Mapping[str, float] | None:
+        """Each error counter summed over the GPU's active links; None without NVLink."""
+        n, links = self.n, []
+        for link in range(MAX_NVLINKS):
+            try:
+                if n.nvmlDeviceGetNvLinkState(h, link) == FEATURE_ENABLED:
+                    links.append(link)
+            except n.NVMLError:
+                break  # no NVLink, or past the last link (discovery logs the rest)
+        if not links:
+            return None
+        out = {}
+        for counter, name in enumerate(NVLINK_ERRORS):
+            total = 0.0
+            for link in links:
+                value = self._read(
+                    uuid, "NVLink errors", "nvmlDeviceGetNvLinkErrorCounter", h, link, counter
+                )
+                total += float(value or 0)
+            out[name] = total
+        return out
+
     # -- health --------------------------------------------------------------------------
 
     async def probe_health(self, ids: Collection[str]) -> Mapping[str, Probe]:
@@ -427,6 +548,14 @@ class NvmlBackend:
                     if (m.gi, m.ci) == (gi, ci):
                         return m.uuid
         return None
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _mhz(value: Any) -> float | None:
+    return None if value is None else float(value) * 1e6
 
 
 def _with_numa(info: DeviceInfo, numa: int | None) -> DeviceInfo:

@@ -20,6 +20,7 @@ Format (see README):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,15 @@ from typing import Any, Final, NoReturn, Self
 import yaml
 
 from aiodp import configfile, topology
-from aiodp.backend import DeviceInfo, HealthEvent, MigInfo, Probe
+from aiodp.backend import (
+    CLOCK_EVENTS,
+    NVLINK_ERRORS,
+    DeviceInfo,
+    GpuMetrics,
+    HealthEvent,
+    MigInfo,
+    Probe,
+)
 from aiodp.devices import Health
 from aiodp.errors import ConfigError, brief, cut, cut_text
 
@@ -47,6 +56,7 @@ GPU_KEYS: Final = frozenset(
         "health",
         "reason",
         "mig_devices",
+        "metrics",
     }
 )
 MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci"})
@@ -64,6 +74,8 @@ class SimulatedNode:
 
     gpus: tuple[DeviceInfo, ...]
     nvlinks: Mapping[frozenset[str], int]
+    metrics: Mapping[str, GpuMetrics] = dataclasses.field(default_factory=dict)
+    """Each GPU's `metrics:` block (live-editable like `health:`), by UUID."""
 
     def topology(self) -> topology.Topology:
         return topology.build(
@@ -117,6 +129,7 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
     if not isinstance(raw_gpus, list):
         _fail(f"{source}: gpus", f"must be a list, got {cut(raw_gpus)}")
     gpus: list[DeviceInfo] = []
+    metrics: dict[str, GpuMetrics] = {}
     seen_uuid: set[str] = set()
     seen_index: set[int] = set()
     for pos, g in enumerate(raw_gpus):
@@ -148,6 +161,8 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         seen_uuid.add(uuid)
         migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
         seen_index.add(index)
+        if g.get("metrics") is not None:
+            metrics[uuid] = _metrics(f"{where}.metrics", g["metrics"])
         gpus.append(
             DeviceInfo(
                 uuid=uuid,
@@ -178,7 +193,43 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         if a not in by_index or b not in by_index or a == b:
             _fail(where, f"must join two different known GPU indexes, got {cut(link)}")
         nvlinks[frozenset((by_index[a], by_index[b]))] = count
-    return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks)
+    return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks, metrics)
+
+
+METRIC_KEYS: Final = frozenset(
+    f.name
+    for f in dataclasses.fields(GpuMetrics)
+    if f.name not in ("clock_events", "nvlink_errors")
+)
+
+
+def _metrics(where: str, raw: object) -> GpuMetrics:
+    """A GPU's `metrics:` block: numbers by GpuMetrics field name, `clock_events` a list of
+    NVIDIA's reasons, `nvlink_errors` a mapping of counter to number."""
+    if not isinstance(raw, dict):
+        _fail(where, f"must be a mapping, got {cut(raw)}")
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        at = f"{where}.{cut_text(str(key))}"
+        if key in METRIC_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                _fail(at, f"must be a number >= 0, got {cut(value)}")
+            values[key] = float(value)
+        elif key == "clock_events":
+            if not isinstance(value, list) or any(v not in CLOCK_EVENTS for v in value):
+                _fail(at, f"must list some of {', '.join(CLOCK_EVENTS)}, got {cut(value)}")
+            values[key] = frozenset(value)
+        elif key == "nvlink_errors":
+            if not isinstance(value, dict) or not all(
+                k in NVLINK_ERRORS and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in value.items()
+            ):
+                _fail(at, f"must map some of {', '.join(NVLINK_ERRORS)} to numbers, "
+                      f"got {cut(value)}")  # fmt: skip
+            values[key] = {k: float(v) for k, v in value.items()}
+        else:
+            _fail(at, "unknown metric")
+    return GpuMetrics(**values)  # type: ignore[arg-type]
 
 
 def _mig_devices(where: str, raw: object, parent: int, seen: set[str]) -> tuple[MigInfo, ...]:
@@ -277,3 +328,6 @@ class SimulatedBackend:
 
     async def topology(self) -> topology.Topology:
         return self.node.topology()
+
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        return self.node.metrics

@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 GPUS: Final = 8
 
 
-def h100_node(unhealthy: dict[int, str] | None = None) -> str:
-    """The demo node as simulated-devices YAML: 8 H100s, NUMA 0 and 1, NVLink pairs."""
-    unhealthy = unhealthy or {}
+def h100_node(
+    unhealthy: dict[int, str] | None = None, metrics: dict[int, dict[str, object]] | None = None
+) -> str:
+    """The demo node as simulated-devices YAML: 8 H100s, NUMA 0 and 1, NVLink pairs; each
+    GPU's `metrics:` block from `metrics` (field -> value)."""
+    unhealthy, metrics = unhealthy or {}, metrics or {}
     lines = ["gpus:"]
     for i in range(GPUS):
         lines += [
@@ -33,6 +36,8 @@ def h100_node(unhealthy: dict[int, str] | None = None) -> str:
         ]
         if i in unhealthy:
             lines += ["    health: Unhealthy", f"    reason: {json.dumps(unhealthy[i])}"]
+        if i in metrics:
+            lines.append(f"    metrics: {json.dumps(metrics[i])}")
     lines.append("nvlinks:")
     for a in range(GPUS):
         for b in range(a + 1, GPUS):
@@ -40,6 +45,20 @@ def h100_node(unhealthy: dict[int, str] | None = None) -> str:
             if same_numa or b == a + 4:
                 lines.append(f"  - [{a}, {b}, {4 if same_numa else 2}]")
     return "\n".join(lines) + "\n"
+
+
+DEMO_METRICS: Final[dict[int, dict[str, object]]] = {
+    i: {
+        "utilization_ratio": round(0.1 * i, 2),
+        "memory_used_bytes": 2**30 * (4 * i + 1),
+        "memory_total_bytes": 81559 * 2**20,
+        "power_watts": 90 + 40 * i,
+        "temperature_celsius": 30 + 3 * i,
+        "ecc_uncorrected": 0,
+    }
+    for i in range(GPUS)
+}
+"""Readings the demo's simulated GPUs show on /metrics."""
 
 
 def write_atomically(path: Path, text: str) -> None:

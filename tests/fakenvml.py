@@ -21,6 +21,7 @@ NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_UNKNOWN = 999
 NO_INSTANCE = 0xFFFFFFFF
 XID_EVENT = 0x8
 
@@ -33,6 +34,7 @@ MESSAGES = {
     10: "Timeout",
     12: "NVML Shared Library Not Found",
     15: "GPU is lost",
+    999: "Unknown Error",
 }
 
 
@@ -70,6 +72,25 @@ class FakeGpu:
     retired_pending: bool = False
     remap_failure: bool = False
     events_supported: bool = True
+    # counters read for /metrics
+    utilization: tuple[int, int] = (0, 0)
+    """(GPU busy %, memory controller busy %)"""
+    memory_used: int = 0
+    power_mw: int = 70_000
+    energy_mj: int = 0
+    temperature: int = 35
+    clocks_mhz: tuple[int, int] = (1980, 2619)
+    """(SM, memory)"""
+    clock_events: int = 0x1
+    ecc: tuple[int, int] = (0, 0)
+    """(corrected, uncorrected) volatile ECC errors"""
+    retired: tuple[int, int] = (0, 0)
+    """retired pages: (multiple single-bit, double-bit)"""
+    remapped: tuple[int, int] = (0, 0)
+    """remapped rows: (corrected, uncorrected)"""
+    pcie_replays: int = 0
+    nvlink_errors: dict[int, int] = field(default_factory=dict)
+    """NVLink error counter -> count, on each active link"""
 
 
 @dataclass
@@ -89,6 +110,10 @@ class FakeMachine:
         self.wait_error: int | None = None
         self.events: queue.Queue[tuple[int, int, int, int]] = queue.Queue()
         self.calls: list[str] = []
+        self.unsupported: set[str] = set()
+        """Functions that answer NOT_SUPPORTED on every device (an older GPU or driver)."""
+        self.failing: set[str] = set()
+        """Functions that answer UNKNOWN: a reading the driver failed."""
         self._called = threading.Condition(self.lock)
 
     def wait_calls(self, name: str, count: int, timeout: float = 5) -> bool:
@@ -123,6 +148,10 @@ class FakeMachine:
                     raise NVMLError(NVML_ERROR_UNINITIALIZED)
                 if self.broken is not None and name not in ("nvmlInit", "nvmlShutdown"):
                     raise NVMLError(self.broken)
+                if name in self.unsupported:
+                    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+                if name in self.failing:
+                    raise NVMLError(NVML_ERROR_UNKNOWN)
             return fn(*args)
 
         return call
@@ -174,7 +203,44 @@ class FakeMachine:
         return self._gpu(h).name.encode()  # old bindings answer bytes
 
     def nvmlDeviceGetMemoryInfo(self, h: Handle) -> Any:
-        return SimpleNamespace(total=self._gpu(h).memory)
+        gpu = self._gpu(h)
+        return SimpleNamespace(total=gpu.memory, used=gpu.memory_used)
+
+    # -- counters for /metrics (units as NVML answers them) ---------------------------
+    def nvmlDeviceGetUtilizationRates(self, h: Handle) -> Any:
+        gpu, mem = self._gpu(h).utilization
+        return SimpleNamespace(gpu=gpu, memory=mem)
+
+    def nvmlDeviceGetPowerUsage(self, h: Handle) -> int:
+        return self._gpu(h).power_mw
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: Handle) -> int:
+        return self._gpu(h).energy_mj
+
+    def nvmlDeviceGetTemperature(self, h: Handle, sensor: int) -> int:
+        assert sensor == 0  # NVML_TEMPERATURE_GPU
+        return self._gpu(h).temperature
+
+    def nvmlDeviceGetClockInfo(self, h: Handle, clock: int) -> int:
+        return self._gpu(h).clocks_mhz[{1: 0, 2: 1}[clock]]  # NVML_CLOCK_SM, NVML_CLOCK_MEM
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: Handle) -> int:
+        return self._gpu(h).clock_events
+
+    def nvmlDeviceGetTotalEccErrors(self, h: Handle, kind: int, counter: int) -> int:
+        assert counter == 0  # NVML_VOLATILE_ECC
+        return self._gpu(h).ecc[kind]
+
+    def nvmlDeviceGetRetiredPages(self, h: Handle, cause: int) -> list[int]:
+        return [0x1000 * i for i in range(self._gpu(h).retired[cause])]
+
+    def nvmlDeviceGetPcieReplayCounter(self, h: Handle) -> int:
+        return self._gpu(h).pcie_replays
+
+    def nvmlDeviceGetNvLinkErrorCounter(self, h: Handle, link: int, counter: int) -> int:
+        if link >= len(self._links(h)):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return self._gpu(h).nvlink_errors.get(counter, 0)
 
     def nvmlDeviceGetPciInfo(self, h: Handle) -> Any:
         return SimpleNamespace(busId=self._gpu(h).bus_id)
@@ -239,7 +305,8 @@ class FakeMachine:
         return 1 if self._gpu(h).retired_pending else 0
 
     def nvmlDeviceGetRemappedRows(self, h: Handle) -> tuple[int, int, int, int]:
-        return (0, 0, 0, 1 if self._gpu(h).remap_failure else 0)
+        gpu = self._gpu(h)
+        return (*gpu.remapped, 0, 1 if gpu.remap_failure else 0)
 
     def nvmlEventSetCreate(self) -> object:
         return object()

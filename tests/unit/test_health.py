@@ -7,7 +7,7 @@ from typing import Self
 import pytest
 
 from aiodp import health, topology
-from aiodp.backend import DeviceInfo, HealthEvent, Probe
+from aiodp.backend import DeviceInfo, GpuMetrics, HealthEvent, Probe
 from aiodp.devices import DeviceRegistry, Health
 from tests.builders import gpu
 
@@ -41,6 +41,9 @@ class ScriptedBackend:
 
     async def topology(self) -> topology.Topology:
         return topology.Topology()
+
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        return {}
 
 
 def registry() -> DeviceRegistry:
@@ -109,3 +112,31 @@ async def test_health_wake_probes_at_once() -> None:
         task.cancel()
     assert loop.time() - start == 0
     assert reg.get("GPU-1").health is Health.UNHEALTHY  # type: ignore[union-attr]
+
+
+class FlakyMetrics(ScriptedBackend):
+    """Its first metrics reading raises something no backend should (an odd driver answer)."""
+
+    def __init__(self) -> None:
+        super().__init__([{}])
+        self.reads = 0
+
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        self.reads += 1
+        if self.reads == 1:
+            raise TypeError("unexpected answer")
+        return {"GPU-a": GpuMetrics(power_watts=float(self.reads))}
+
+
+async def test_device_metrics_survive_a_failed_reading(caplog: pytest.LogCaptureFixture) -> None:
+    got: asyncio.Queue[Mapping[str, GpuMetrics]] = asyncio.Queue()
+    task = asyncio.create_task(
+        health.run_device_metrics(FlakyMetrics(), interval=0, on_reading=got.put_nowait)
+    )
+    first = await got.get()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert first["GPU-a"].power_watts == 2
+    assert "GPU metrics: reading failed" in caplog.text
+    assert "unexpected answer" in caplog.text

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aiodp import config as cfg
+from aiodp import metrics
 from aiodp.backend import HealthEvent, control_paths
 from aiodp.devices import Health
 from aiodp.errors import BackendUnavailable
@@ -205,3 +206,64 @@ async def test_nvml_gpu_without_event_support_stays_healthy(
     finally:
         await events.aclose()
     assert "cannot report XID events" in caplog.text
+
+
+async def test_nvml_metrics_in_prometheus_units(backend: NvmlBackend, machine: FakeMachine) -> None:
+    gpu = machine.gpus[1]
+    gpu.utilization, gpu.memory_used, gpu.power_mw, gpu.energy_mj = (87, 40), 2**30, 412_500, 9000
+    gpu.clock_events = 0x4 | 0x40  # SW power cap, HW thermal slowdown
+    gpu.ecc, gpu.retired, gpu.remapped, gpu.pcie_replays = (5, 1), (2, 1), (3, 0), 7
+    gpu.nvlink_errors = {2: 1}  # one CRC flit error on each active link
+    assert await backend.read_metrics() == {}  # nothing to read before discovery
+    await backend.discover()
+    reading = await backend.read_metrics()
+    assert set(reading) == {g.uuid for g in machine.gpus}
+    m = reading[gpu.uuid]
+    assert (m.utilization_ratio, m.memory_utilization_ratio) == (0.87, 0.40)
+    assert (m.memory_used_bytes, m.memory_total_bytes) == (2**30, gpu.memory)
+    assert (m.power_watts, m.energy_joules, m.temperature_celsius) == (412.5, 9, 35)
+    assert (m.sm_clock_hertz, m.memory_clock_hertz) == (1980e6, 2619e6)
+    assert m.clock_events == frozenset({"sw_power_cap", "hw_thermal_slowdown"})
+    assert (m.ecc_corrected, m.ecc_uncorrected, m.retired_pages) == (5, 1, 3)
+    assert (m.remapped_rows_corrected, m.remapped_rows_uncorrected, m.pcie_replays) == (3, 0, 7)
+    links = sum(gpu.nvlinks.values())
+    assert m.nvlink_errors == {"replay": 0, "recovery": 0, "crc_flit": links, "crc_data": 0}
+
+
+async def test_nvml_metrics_unsupported_left_out_failed_counted(
+    backend: NvmlBackend, machine: FakeMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    machine.unsupported = {"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetNvLinkState"}
+    machine.failing = {"nvmlDeviceGetPowerUsage"}
+    before = _errors("nvmlDeviceGetPowerUsage")
+    await backend.discover()
+    first = await backend.read_metrics()
+    second = await backend.read_metrics()
+    for reading in (first, second):
+        for m in reading.values():
+            assert m.energy_joules is None
+            assert m.power_watts is None
+            assert m.nvlink_errors is None
+            assert m.temperature_celsius == 35  # the rest still comes
+    assert _errors("nvmlDeviceGetPowerUsage") == before + 2 * len(machine.gpus)
+    said = [r.getMessage() for r in caplog.records if "does not support energy" in r.getMessage()]
+    assert len(said) == len(machine.gpus)  # once per GPU, not once per reading
+    # a failed reading is never a health verdict
+    assert all(p.health == Health.HEALTHY for p in (await backend.probe_health([])).values())
+
+
+async def test_nvml_metrics_bindings_without_a_function(short_dir: Path) -> None:
+    machine = dgx(2)
+    module = machine.module()
+    del module.nvmlDeviceGetCurrentClocksEventReasons  # older nvidia-ml-py
+    async with NvmlBackend(sys_root=short_dir, proc_root=short_dir, nvml=module) as b:
+        await b.discover()
+        reading = await b.read_metrics()
+    assert [m.clock_events for m in reading.values()] == [None, None]
+    assert [m.sm_clock_hertz for m in reading.values()] == [1980e6, 1980e6]
+
+
+def _errors(function: str) -> float:
+    return metrics.samples(metrics.render()[0].decode()).get(
+        f'aiodp_nvml_errors_total{{function="{function}"}}', 0.0
+    )

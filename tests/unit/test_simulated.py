@@ -37,6 +37,21 @@ def test_simulated_demo_node_topology() -> None:
     assert topo.score(node.gpus[0].uuid, node.gpus[5].uuid) == 10
 
 
+def test_simulated_metrics_block() -> None:
+    node = simulated.parse(
+        "gpus:\n  - uuid: GPU-a\n    metrics: {power_watts: 300, clock_events: [gpu_idle],"
+        " nvlink_errors: {replay: 2}}\n  - uuid: GPU-b\n"
+    )
+    assert set(node.metrics) == {"GPU-a"}  # a GPU without the block has no readings
+    m = node.metrics["GPU-a"]
+    assert (m.power_watts, m.clock_events, m.nvlink_errors) == (
+        300,
+        frozenset({"gpu_idle"}),
+        {"replay": 2},
+    )
+    assert m.temperature_celsius is None
+
+
 def test_simulated_mig_devices() -> None:
     node = simulated.parse(
         "gpus:\n  - uuid: GPU-a\n    mig_devices:\n"
@@ -70,6 +85,13 @@ def test_simulated_mig_devices() -> None:
             "gpus: [{uuid: a, mig_devices: [{uuid: a, profile: p, gi: 1, ci: 0}]}]\n",
             "mig_devices[0].uuid: duplicate uuid 'a'",
         ),
+        ("gpus: [{uuid: a, metrics: 3}]\n", "gpus[0].metrics: must be a mapping"),
+        ("gpus: [{uuid: a, metrics: {fan: 1}}]\n", "gpus[0].metrics.fan: unknown metric"),
+        ("gpus: [{uuid: a, metrics: {power_watts: -1}}]\n", "power_watts: must be a number >= 0"),
+        ("gpus: [{uuid: a, metrics: {power_watts: yes}}]\n", "must be a number >= 0, got True"),
+        ("gpus: [{uuid: a, metrics: {clock_events: [hot]}}]\n", "clock_events: must list some"),
+        ("gpus: [{uuid: a, metrics: {nvlink_errors: {x: 1}}}]\n", "must map some of replay"),
+        ("gpus: [{uuid: a, metrics: {nvlink_errors: {replay: z}}}]\n", "must map some of"),
     ],
 )
 def test_simulated_parse_errors_name_the_problem(text: str, message: str) -> None:

@@ -1,0 +1,118 @@
+"""Per-GPU readings on /metrics: the simulated file's `metrics:` blocks, and NVML's counters
+through the fake module, while the plugin runs against the kubelet stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from aiodp import metrics
+from aiodp.backend import DeviceBackend, GpuMetrics
+from aiodp.config import Config
+from aiodp.simulated import SimulatedBackend
+from aiodp.testbed import http_get
+from tests.harness import Running, h100_node, running, write_atomically
+
+pytestmark = pytest.mark.integration
+
+GPU0 = 'UUID="GPU-00000000-aiod-4d3e-8f00-00005eed0000",gpu="0",modelName="NVIDIA H100 80GB HBM3"'
+"""GPU 0's labels as metrics.samples() spells them (sorted)."""
+
+
+class Watched(SimulatedBackend):
+    """The simulated backend, reporting each reading it hands out."""
+
+    def __init__(self, path: Path, readings: asyncio.Queue[Mapping[str, GpuMetrics]]) -> None:
+        super().__init__(path)
+        self.readings = readings
+
+    async def read_metrics(self) -> Mapping[str, GpuMetrics]:
+        reading = await super().read_metrics()
+        self.readings.put_nowait(reading)
+        return reading
+
+
+def watched(readings: asyncio.Queue[Mapping[str, GpuMetrics]]) -> Callable[[Config], DeviceBackend]:
+    def make(config: Config) -> DeviceBackend:
+        assert config.simulated_devices is not None
+        return Watched(config.simulated_devices, readings)
+
+    return make
+
+
+async def scrape(rp: Running) -> dict[str, float]:
+    assert rp.state.endpoint is not None
+    return metrics.samples(await http_get(rp.state.endpoint.address, "/metrics"))
+
+
+async def reading_where(
+    readings: asyncio.Queue[Mapping[str, GpuMetrics]],
+    ok: Callable[[Mapping[str, GpuMetrics]], bool],
+) -> None:
+    while not ok(await readings.get()):
+        pass
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_follow_the_simulated_file(short_dir: Path) -> None:
+    first = {
+        "utilization_ratio": 0.5,
+        "power_watts": 300,
+        "temperature_celsius": 41,
+        "energy_joules": 1000,
+        "ecc_uncorrected": 0,
+        "clock_events": ["sw_power_cap"],
+        "nvlink_errors": {"crc_flit": 3},
+    }
+    readings: asyncio.Queue[Mapping[str, GpuMetrics]] = asyncio.Queue()
+    async with running(
+        short_dir,
+        node=h100_node(metrics={0: first}),
+        make_backend=watched(readings),
+        metrics_address="127.0.0.1:0",
+        device_metrics_interval=0.05,
+    ) as rp:
+        await rp.ready.wait()
+        await reading_where(readings, lambda r: bool(r))
+        got = await scrape(rp)
+        assert got[f"aiodp_gpu_utilization_ratio{{{GPU0}}}"] == 0.5
+        assert got[f"aiodp_gpu_power_watts{{{GPU0}}}"] == 300
+        assert got[f"aiodp_gpu_temperature_celsius{{{GPU0}}}"] == 41
+        assert got[f"aiodp_gpu_energy_joules_total{{{GPU0}}}"] == 1000
+        assert got[f'aiodp_gpu_ecc_errors_total{{{GPU0},type="uncorrected"}}'] == 0
+        assert got[f'aiodp_gpu_clock_event_active{{{GPU0},reason="sw_power_cap"}}'] == 1
+        assert got[f'aiodp_gpu_clock_event_active{{{GPU0},reason="gpu_idle"}}'] == 0
+        assert got[f'aiodp_gpu_nvlink_errors_total{{{GPU0},type="crc_flit"}}'] == 3
+        # what the file does not state is left out, not reported as 0
+        assert not any(k.startswith("aiodp_gpu_sm_clock_hertz") for k in got)
+        assert not any('gpu="1"' in k for k in got if k.startswith("aiodp_gpu_"))
+
+        write_atomically(rp.devices_file, h100_node(metrics={0: {**first, "power_watts": 450}}))
+        await reading_where(readings, lambda r: r.get(_uuid(0), GpuMetrics()).power_watts == 450)
+        got = await scrape(rp)
+        assert got[f"aiodp_gpu_power_watts{{{GPU0}}}"] == 450
+
+
+def _uuid(i: int) -> str:
+    return f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_off_when_the_interval_is_zero(short_dir: Path) -> None:
+    readings: asyncio.Queue[Mapping[str, GpuMetrics]] = asyncio.Queue()
+    async with running(
+        short_dir,
+        node=h100_node(metrics={0: {"power_watts": 300}}),
+        make_backend=watched(readings),
+        metrics_address="127.0.0.1:0",
+        device_metrics_interval=0,
+    ) as rp:
+        await rp.ready.wait()
+        got = await scrape(rp)
+        assert readings.empty()
+        assert not any(k.startswith("aiodp_gpu_power_watts") for k in got)
+        assert rp.state.endpoint is not None
+        assert "device-metrics" not in [t.get_name() for t in asyncio.all_tasks()]
