@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed-run
 PROTO  := protos/deviceplugin/v1beta1/api.proto
+PODRES_PROTO := protos/podresources/v1/api.proto
 PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
@@ -68,13 +69,17 @@ lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
 typecheck: $(STAMP) ## mypy: strict on aiodp/, untyped defs allowed but checked in tests/, bench/, scripts/
 	$(BIN)/mypy
 
-proto: $(STAMP) ## regenerate aiodp/api/ from protos/ with betterproto2
+proto: $(STAMP) ## regenerate aiodp/api/ and aiodp/podresapi/ from protos/ with betterproto2
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/api $(PROTO)
+	mkdir -p aiodp/podresapi
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/podresapi $(PODRES_PROTO)
 
-proto-check: $(STAMP) ## fail when aiodp/api/ differs from what protos/ generates
-	@tmp=$$(mktemp -d) && \
-	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp $(PROTO) >/dev/null && \
-	diff -r -x __pycache__ $$tmp aiodp/api && echo "proto-check: aiodp/api is up to date"; \
+proto-check: $(STAMP) ## fail when aiodp/api/ or aiodp/podresapi/ differs from what protos/ generates
+	@tmp=$$(mktemp -d) && mkdir $$tmp/api $$tmp/podresapi && \
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/api $(PROTO) >/dev/null && \
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/podresapi $(PODRES_PROTO) >/dev/null && \
+	diff -r -x __pycache__ $$tmp/api aiodp/api && diff -r -x __pycache__ $$tmp/podresapi aiodp/podresapi && \
+	echo "proto-check: aiodp/api and aiodp/podresapi are up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
 bench: $(STAMP) ## tables: preferred allocation, Allocate vs the transport floor, /metrics cost, 1,024 replicas

@@ -26,15 +26,15 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiodp
 from aiodp import config as cfg
-from aiodp import generations, health, metrics, nodeconfig, probes, reload, retry
-from aiodp.backend import DeviceBackend, GpuMetrics
+from aiodp import generations, health, metrics, nodeconfig, podresources, probes, reload, retry
+from aiodp.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.config import Config
-from aiodp.devices import DeviceRegistry
+from aiodp.devices import DeviceRegistry, Health
 from aiodp.errors import BackendUnavailable, ConfigError, ListenError
 from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
@@ -257,6 +257,76 @@ async def _bounded_exit(backend: DeviceBackend, within: float) -> None:
         log.warning("the device backend did not shut down within %.1f s; leaving it", within)
 
 
+def _device_metrics(
+    config: Config,
+    backend: DeviceBackend,
+    infos: Sequence[DeviceInfo],
+    registry: DeviceRegistry,
+    status: Status,
+    stack: contextlib.AsyncExitStack,
+) -> list[tuple[str, Coroutine[Any, Any, NoReturn]]]:
+    """The GPU counters on /metrics, labelled by the pods holding each GPU when the kubelet's
+    pod-resources socket answers."""
+    latest: dict[str, Mapping[str, object]] = {}
+    gpus = {g.uuid: g for g in infos}
+
+    def keep(reading: Mapping[str, GpuMetrics]) -> None:
+        latest.clear()
+        latest.update({u: dataclasses.asdict(m) for u, m in reading.items()})
+
+    def physical(resource: str, device_id: str) -> str | None:
+        d = registry.get(device_id)
+        return d.gpu if d is not None and d.resource == resource else None
+
+    pods = None
+    if config.pod_resources_socket is not None:
+        pods = podresources.Attribution(config.pod_resources_socket, physical)
+
+    def rows() -> list[metrics.GpuRow]:
+        out: list[metrics.GpuRow] = []
+        for u, values in sorted(latest.items()):
+            if u not in gpus:
+                continue
+            base = {"gpu": str(gpus[u].index), "UUID": u, "modelName": gpus[u].name}
+            held = sorted({(h.pod, h.namespace, h.container) for h in pods.holders.get(u, ())}
+                          if pods is not None else ())  # fmt: skip
+            for pod, namespace, container in held or [("", "", "")]:
+                labels = {**base, "pod": pod, "namespace": namespace, "container": container}
+                out.append((labels, values))
+        return out
+
+    metrics.set_gpu_source(rows)
+    stack.callback(metrics.set_gpu_source, None)
+    reading = health.run_device_metrics(
+        backend, interval=config.device_metrics_interval, on_reading=keep
+    )
+    tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [("device-metrics", reading)]
+    if pods is not None:
+        attribution = pods
+
+        def pod_rows() -> list[metrics.PodRow]:
+            out = []
+            for held in attribution.holders.values():
+                for h in held:
+                    d = registry.get(h.device)
+                    healthy = d is not None and d.health is Health.HEALTHY
+                    out.append((h.namespace, h.pod, h.container, h.resource, healthy))
+            return out
+
+        metrics.set_pod_source(pod_rows)
+        stack.callback(metrics.set_pod_source, None)
+        status.attributing(
+            lambda: {
+                h.device: f"{h.namespace}/{h.pod}/{h.container}"
+                for held in attribution.holders.values()
+                for h in held
+            },
+            attribution.on_allocate,
+        )
+        tasks.append(("pod-resources", attribution.run(interval=config.device_metrics_interval)))
+    return tasks
+
+
 async def _serve(
     config: Config, given: DeviceBackend | None, status: Status, hup: asyncio.Event
 ) -> NoReturn:
@@ -313,25 +383,7 @@ async def _serve(
             )
             tasks.append(("health", probe))
         if config.device_metrics_interval > 0:
-            latest: dict[str, Mapping[str, object]] = {}
-            gpus = {g.uuid: g for g in infos}
-
-            def keep(reading: Mapping[str, GpuMetrics]) -> None:
-                latest.clear()
-                latest.update({u: dataclasses.asdict(m) for u, m in reading.items()})
-
-            metrics.set_gpu_source(
-                lambda: [
-                    ({"gpu": str(gpus[u].index), "UUID": u, "modelName": gpus[u].name}, values)
-                    for u, values in sorted(latest.items())
-                    if u in gpus
-                ]
-            )
-            stack.callback(metrics.set_gpu_source, None)
-            reading = health.run_device_metrics(
-                backend, interval=config.device_metrics_interval, on_reading=keep
-            )
-            tasks.append(("device-metrics", reading))
+            tasks += _device_metrics(config, backend, infos, registry, status, stack)
         if config.health_policy.watches_xids:
             tasks.append(("health-events", health.run_health_events(backend, tracker)))
         if config.config_file is not None:

@@ -20,6 +20,7 @@ from aiodp.errors import ConfigError, brief, cut, cut_text
 
 RESOURCE_GPU: Final = "nvidia.com/gpu"
 DEFAULT_KUBELET_SOCKET: Final = "/var/lib/kubelet/device-plugins/kubelet.sock"
+DEFAULT_POD_RESOURCES_SOCKET: Final = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 Command = Literal["serve", "demo", "status"]
 BackendName = Literal["auto", "nvml", "simulated"]
@@ -154,6 +155,8 @@ class Config:
     Healthy again; 0 never brings it back (NVIDIA's behaviour)."""
     device_metrics_interval: float = 10.0
     """Seconds between readings of the GPUs' counters for /metrics; 0 turns them off."""
+    pod_resources_socket: Path | None = Path(DEFAULT_POD_RESOURCES_SOCKET)
+    """The kubelet's pod-resources socket, read to label GPU metrics by pod; None = off."""
     health_policy: HealthPolicy = HealthPolicy()
     """XIDs that act and whether probes run (DP_DISABLE_HEALTHCHECKS, DP_ENABLE_HEALTHCHECKS)."""
     proc_root: Path = Path("/proc")
@@ -358,6 +361,11 @@ def _parser() -> _Parser:
         help="largest config or simulated-devices file read (AIODP_MAX_FILE_BYTES) [1048576]",
     )
     add(
+        "--pod-resources-socket",
+        help="kubelet pod-resources socket for pod labels, empty = off "
+        f"(AIODP_POD_RESOURCES_SOCKET) [{DEFAULT_POD_RESOURCES_SOCKET}]",
+    )
+    add(
         "--device-metrics-interval",
         help="seconds between GPU counter readings for /metrics, 0 = off "
         "(AIODP_DEVICE_METRICS_INTERVAL) [10]",
@@ -392,6 +400,7 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "health_interval": "AIODP_HEALTH_INTERVAL",
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
     "device_metrics_interval": "AIODP_DEVICE_METRICS_INTERVAL",
+    "pod_resources_socket": "AIODP_POD_RESOURCES_SOCKET",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
     "max_file_bytes": "AIODP_MAX_FILE_BYTES",
     "gdrcopy_enabled": "GDRCOPY_ENABLED",
@@ -550,6 +559,13 @@ def _path(value: object) -> Path:
     return Path(_nonempty(value))
 
 
+def _optional_path(value: object) -> Path | None:
+    """A path, or None (off) when empty."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return Path(_nonempty(value))
+
+
 def _host_root(value: object) -> Path:
     """A host directory that goes into DeviceSpec and Mount host paths: absolute and
     normalised, so that `relative/root` or `/host/../etc` cannot point anywhere else."""
@@ -591,6 +607,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "health_interval": _seconds,
     "health_recovery_period": _period,
     "device_metrics_interval": _period,
+    "pod_resources_socket": _optional_path,
     "shutdown_timeout": _seconds,
     "max_file_bytes": _file_bytes,
     "gdrcopy_enabled": parse_bool,

@@ -22,6 +22,7 @@ from grpclib import GRPCError
 from aiodp import app, metrics, statuscli, testbed
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.fakekubelet import FakeKubelet, Update
+from aiodp.fakepodresources import FakePodResources
 from aiodp.status import Status
 from aiodp.testbed import DEMO_METRICS, h100_node, http_get, write_atomically
 
@@ -53,10 +54,16 @@ async def run(base: Config) -> int:
             simulated_devices=devices_file,
             kubelet_socket=directory / "kubelet.sock",
             metrics_address="127.0.0.1:0" if base.metrics_address else "",
+            pod_resources_socket=directory / "pod-resources" / "kubelet.sock",
+            device_metrics_interval=0.2,
         )
         say(f"aiodp demo: plugin directory {directory}")
         stop, status = asyncio.Event(), Status()
-        async with FakeKubelet(directory) as kubelet, asyncio.TaskGroup() as tg:
+        async with (
+            FakeKubelet(directory) as kubelet,
+            FakePodResources(directory / "pod-resources" / "kubelet.sock") as pods,
+            asyncio.TaskGroup() as tg,
+        ):
             t0 = time.monotonic()
             plugin = tg.create_task(
                 app.main(config, stop=stop, status=status),
@@ -87,6 +94,7 @@ async def run(base: Config) -> int:
             )
             resp = await kubelet.allocate(RESOURCE_GPU, pick)
             say(f"   Allocate -> envs {dict(resp.container_responses[0].envs)}")
+            pods.assign("default", "demo-train", "trainer", RESOURCE_GPU, pick)  # it started
 
             write_atomically(
                 devices_file,
@@ -146,6 +154,7 @@ async def run(base: Config) -> int:
                 f"device list back after {_ms(time.monotonic() - t)}"
             )
             if status.endpoint is not None:
+                await asyncio.wait_for(pods.answered(), 10)  # the plugin has read the pod
                 url = f"http://{status.endpoint.address}/status"
                 doc = await asyncio.to_thread(statuscli.fetch, url)
                 say(f"\n   `aiodp status` (from {url}):\n")

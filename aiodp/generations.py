@@ -121,7 +121,9 @@ async def run_resource(
                 }
             )
             continue
-        service = server.DevicePluginService(spec, registry, holder.current, status.changed)
+        service = server.DevicePluginService(
+            spec, registry, holder.current, status.changed, status.allocation_answered
+        )
         status.generation_started(service)
         async with server.serve(
             service, config.socket_path(spec.name), shutdown_timeout=config.shutdown_timeout

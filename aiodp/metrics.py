@@ -158,8 +158,13 @@ class _Devices(Collector):
 REGISTRY.register(_Devices())
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, ...
 
+GPU_LABELS: Final = ("gpu", "UUID", "modelName", "pod", "namespace", "container")
+"""As dcgm-exporter names them; pod, namespace and container are empty for a free GPU."""
 GpuRow = tuple[Mapping[str, str], Mapping[str, object]]
-"""(labels: gpu, UUID, modelName; a GPU's readings by GpuMetrics field name)."""
+"""(labels: GPU_LABELS; a GPU's readings by GpuMetrics field name)."""
+PodRow = tuple[str, str, str, str, bool]
+"""(namespace, pod, container, resource, healthy) of one device a container holds."""
+_pod_source: Callable[[], Iterable[PodRow]] | None = None
 _gpu_source: Callable[[], Iterable[GpuRow]] | None = None
 
 # field -> (family, help, kind); kinds: gauge, counter, or a labelled family for the rest
@@ -184,7 +189,7 @@ class _Gpus(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rows = list(_gpu_source() if _gpu_source else ())
-        labels = ["gpu", "UUID", "modelName"]
+        labels = list(GPU_LABELS)
         for field, (name, doc, kind) in GPU_FAMILIES.items():
             family: GaugeMetricFamily | CounterMetricFamily = (
                 CounterMetricFamily(name, doc, labels=labels)
@@ -244,6 +249,44 @@ CLOCK_EVENT_LABELS: Final = (
     "display_clocks_setting",
 )  # fmt: skip
 REGISTRY.register(_Gpus())
+
+
+class _Pods(Collector):
+    """Devices each container holds, and those of them that are Unhealthy."""
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["namespace", "pod", "container", "resource"]
+        held = GaugeMetricFamily(
+            "aiodp_pod_devices", "Devices allocated to a container (pod-resources API).",
+            labels=labels,
+        )  # fmt: skip
+        sick = GaugeMetricFamily(
+            "aiodp_pod_unhealthy_devices",
+            "Devices allocated to a container that are Unhealthy now: a pod on a failed GPU.",
+            labels=labels,
+        )
+        counts: dict[tuple[str, str, str, str], list[int]] = {}
+        for namespace, pod, container, resource, healthy in _pod_source() if _pod_source else ():
+            c = counts.setdefault((namespace, pod, container, resource), [0, 0])
+            c[0] += 1
+            c[1] += 0 if healthy else 1
+        for key, (n, bad) in sorted(counts.items()):
+            held.add_metric(list(key), n)
+            sick.add_metric(list(key), bad)
+        yield held
+        yield sick
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+REGISTRY.register(_Pods())
+
+
+def set_pod_source(source: Callable[[], Iterable[PodRow]] | None) -> None:
+    """Where the per-container device counts come from (pod attribution of the plugin)."""
+    global _pod_source
+    _pod_source = source
 
 
 def set_gpu_source(source: Callable[[], Iterable[GpuRow]] | None) -> None:

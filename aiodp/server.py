@@ -232,6 +232,7 @@ class DevicePluginService(DevicePluginBase):
         registry: DeviceRegistry,
         settings: Callable[[], Settings],
         on_change: Callable[[], None] | None = None,
+        on_allocate: Callable[[], None] | None = None,
     ) -> None:
         self.spec = resource
         """The resource as it was when this service started; calls read the live one."""
@@ -241,6 +242,8 @@ class DevicePluginService(DevicePluginBase):
         """The live settings, read when a call arrives."""
         self.on_change = on_change or (lambda: None)
         """Called when a stream opens or ends (readiness depends on it)."""
+        self.on_allocate = on_allocate or (lambda: None)
+        """Called after each Allocate answered (pod attribution asks the kubelet again)."""
         self.closing = asyncio.Event()
         """Set by `close_streams()`: every ListAndWatch returns normally."""
         self.stream_opened = asyncio.Event()
@@ -355,6 +358,7 @@ class DevicePluginService(DevicePluginBase):
                 for req in message.container_requests
             ]
         log.debug("Allocate %s: %d container(s)", self.resource, len(responses))
+        self.on_allocate()
         return AllocateResponse(container_responses=responses)
 
     async def pre_start_container(

@@ -11,7 +11,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Status:
         self._applied = -1
         self._accepted_at: list[float] = []
         self._started: list[str] = []
+        self._holders: Callable[[], Mapping[str, str]] = dict
+        self._on_allocate: Callable[[], None] = lambda: None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -183,6 +185,16 @@ class Status:
         self._holder, self._heartbeat, self._registry = holder, heartbeat, registry
         self.changed()
 
+    def attributing(
+        self, holders: Callable[[], Mapping[str, str]], on_allocate: Callable[[], None]
+    ) -> None:
+        """Where `pod` of each device comes from (device ID -> `namespace/pod/container`), and
+        whom to tell when an Allocate is answered."""
+        self._holders, self._on_allocate = holders, on_allocate
+
+    def allocation_answered(self) -> None:
+        self._on_allocate()
+
     def snapshot(self) -> dict[str, Any]:
         """The node as the plugin sees it, for /status and `aiodp status` (JSON-ready)."""
         live = self.live
@@ -214,6 +226,7 @@ class Status:
                 for key, source in live.config.sources.items()
             }
         if live is not None and self._registry is not None:
+            pods = self._holders()
             out["devices"] = [
                 {
                     "id": d.id,
@@ -224,7 +237,7 @@ class Status:
                     "since": _iso(self._registry.since(d.id)),
                     "numa": d.numa_node,
                     "nvlink_peers": _peers(live, d.gpu),
-                    "pod": None,
+                    "pod": pods.get(d.id),
                 }
                 for d in self._registry.inventory().devices
             ]

@@ -66,13 +66,13 @@ def table(doc: dict[str, Any]) -> str:
             f"{r['since'] or '-':<26} {r['streams']}"
         )
     lines += ["", f"{'DEVICE':<44} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
-              "POD  REASON"]  # fmt: skip
+              f"{'REASON':<24} POD"]  # fmt: skip
     for d in doc.get("devices", []):
         peers = ",".join(f"{k}x{v}" for k, v in d["nvlink_peers"].items()) or "-"
         numa = "-" if d["numa"] is None else str(d["numa"])
         lines.append(
             f"{d['id']:<44} {d['health']:<10} {d['since'] or '-':<26} {numa:<5} {peers:<16} "
-            f"{d['pod'] or '-':<4} {d['reason']}"
+            f"{d['reason'] or '-':<24} {d['pod'] or '-'}"
         )
     changed = {k: v for k, v in doc.get("config", {}).items() if v["source"] != "default"}
     lines += ["", "SETTINGS NOT AT DEFAULT"]

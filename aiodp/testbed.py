@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -19,7 +19,8 @@ GPUS: Final = 8
 
 
 def h100_node(
-    unhealthy: dict[int, str] | None = None, metrics: dict[int, dict[str, object]] | None = None
+    unhealthy: dict[int, str] | None = None,
+    metrics: Mapping[int, Mapping[str, object]] | None = None,
 ) -> str:
     """The demo node as simulated-devices YAML: 8 H100s, NUMA 0 and 1, NVLink pairs; each
     GPU's `metrics:` block from `metrics` (field -> value)."""
@@ -47,7 +48,7 @@ def h100_node(
     return "\n".join(lines) + "\n"
 
 
-DEMO_METRICS: Final[dict[int, dict[str, object]]] = {
+DEMO_METRICS: Final[Mapping[int, Mapping[str, object]]] = {
     i: {
         "utilization_ratio": round(0.1 * i, 2),
         "memory_used_bytes": 2**30 * (4 * i + 1),

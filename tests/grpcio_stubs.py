@@ -14,26 +14,30 @@ def _generate_grpcio_stubs() -> None:
     from grpc_tools import protoc
 
     GEN.mkdir(exist_ok=True)
-    proto = "deviceplugin/v1beta1/api.proto"
-    rc = protoc.main(
-        [
-            "protoc",
-            f"-I{ROOT / 'protos'}",
-            f"--python_out={GEN}",
-            f"--grpc_python_out={GEN}",
-            str(ROOT / "protos" / proto),
-        ]
-    )
-    assert rc == 0, "grpc_tools.protoc failed"
+    for proto in ("deviceplugin/v1beta1/api.proto", "podresources/v1/api.proto"):
+        rc = protoc.main(
+            [
+                "protoc",
+                f"-I{ROOT / 'protos'}",
+                f"--python_out={GEN}",
+                f"--grpc_python_out={GEN}",
+                str(ROOT / "protos" / proto),
+            ]
+        )
+        assert rc == 0, f"grpc_tools.protoc failed on {proto}"
+        pkg = GEN / proto.split("/")[0]
+        for d in (pkg, pkg / proto.split("/")[1]):
+            (d / "__init__.py").touch()
     if str(GEN) not in sys.path:
         sys.path.insert(0, str(GEN))
-    pkg = GEN / "deviceplugin"
-    for d in (pkg, pkg / "v1beta1"):
-        (d / "__init__.py").touch()
 
 
 _generate_grpcio_stubs()
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc  # type: ignore[import-not-found]  # noqa: E402
+from podresources.v1 import (  # type: ignore[import-not-found]  # noqa: E402
+    api_pb2 as podres_pb2,
+)
+from podresources.v1 import api_pb2_grpc as podres_pb2_grpc  # noqa: E402
 
-__all__ = ["api_pb2", "api_pb2_grpc"]
+__all__ = ["api_pb2", "api_pb2_grpc", "podres_pb2", "podres_pb2_grpc"]

@@ -55,6 +55,7 @@ async def running(
         "simulated_devices": devices_file,
         "kubelet_socket": directory / "kubelet.sock",
         "metrics_address": "",
+        "pod_resources_socket": directory / "pod-resources" / "kubelet.sock",
         **overrides,
     }
     path = explicit.get("config_file")

@@ -133,8 +133,14 @@ def test_chart_defaults() -> None:
         "feature.node.kubernetes.io/cpu-model.vendor_id",  # Tegra, as NVIDIA's chart
         "nvidia.com/gpu.present",
     }
-    (vol,) = spec["volumes"]
-    assert vol["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
+    plugins, pods = spec["volumes"]
+    assert plugins["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
+    assert pods["hostPath"] == {
+        "path": "/var/lib/kubelet/pod-resources",
+        "type": "DirectoryOrCreate",
+    }
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/var/lib/kubelet/pod-resources"]["readOnly"] is True
     assert not kind(objects, "ConfigMap")
     assert not kind(objects, "ServiceMonitor")
     assert "privileged" not in sc
@@ -340,6 +346,22 @@ def test_chart_cdi_mounts_the_spec_directories_read_only() -> None:
     assert mounts["/etc/cdi"]["readOnly"] is True
     assert mounts["/var/run/cdi"]["readOnly"] is True
     assert "/var/run/cdi" not in {m["mountPath"] for m in container(render({}))["volumeMounts"]}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "socket"),
+    [
+        ({"podAttribution": False}, ""),
+        ({"enabled": False}, ""),
+        ({"podResourcesPath": "/k/pod-resources"}, "/k/pod-resources/kubelet.sock"),
+    ],
+)
+def test_chart_pod_attribution(metrics: dict[str, Any], socket: str) -> None:
+    objects = render({"metrics": metrics})
+    assert env(objects)["AIODP_POD_RESOURCES_SOCKET"] == socket
+    mounted = {m["mountPath"] for m in container(objects)["volumeMounts"]}
+    assert ("/k/pod-resources" in mounted) == bool(socket)
+    assert "/var/lib/kubelet/pod-resources" not in mounted
 
 
 def test_chart_static_manifests_match_the_chart() -> None:

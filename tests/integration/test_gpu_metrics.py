@@ -4,6 +4,7 @@ through the fake module, while the plugin runs against the kubelet stand-in."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -12,14 +13,27 @@ import pytest
 from aiodp import metrics
 from aiodp.backend import DeviceBackend, GpuMetrics
 from aiodp.config import Config
+from aiodp.fakepodresources import FakePodResources
 from aiodp.simulated import SimulatedBackend
 from aiodp.testbed import http_get
-from tests.harness import Running, h100_node, running, write_atomically
+from tests.harness import Running, h100_node, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration
 
-GPU0 = 'UUID="GPU-00000000-aiod-4d3e-8f00-00005eed0000",gpu="0",modelName="NVIDIA H100 80GB HBM3"'
-"""GPU 0's labels as metrics.samples() spells them (sorted)."""
+
+def _uuid(i: int) -> str:
+    return f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"
+
+
+def gpu_labels(i: int, pod: str = "", namespace: str = "", container: str = "") -> str:
+    """A GPU's labels as metrics.samples() spells them (sorted)."""
+    return (
+        f'UUID="{_uuid(i)}",container="{container}",gpu="{i}",'
+        f'modelName="NVIDIA H100 80GB HBM3",namespace="{namespace}",pod="{pod}"'
+    )
+
+
+GPU0 = gpu_labels(0)
 
 
 class Watched(SimulatedBackend):
@@ -96,10 +110,6 @@ async def test_gpu_metrics_follow_the_simulated_file(short_dir: Path) -> None:
         assert got[f"aiodp_gpu_power_watts{{{GPU0}}}"] == 450
 
 
-def _uuid(i: int) -> str:
-    return f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"
-
-
 @pytest.mark.timeout(20)
 async def test_gpu_metrics_off_when_the_interval_is_zero(short_dir: Path) -> None:
     readings: asyncio.Queue[Mapping[str, GpuMetrics]] = asyncio.Queue()
@@ -116,3 +126,55 @@ async def test_gpu_metrics_off_when_the_interval_is_zero(short_dir: Path) -> Non
         assert not any(k.startswith("aiodp_gpu_power_watts") for k in got)
         assert rp.state.endpoint is not None
         assert "device-metrics" not in [t.get_name() for t in asyncio.all_tasks()]
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
+    """Simulated GPUs with metrics, an Allocate through the kubelet stand-in, pod-resources
+    naming that pod: /metrics and /status show the right pod on the right GPU, the pod's GPU
+    failing shows in aiodp_pod_unhealthy_devices, and the pod's series go when it ends."""
+    node = {i: {"power_watts": 100 + i} for i in range(8)}
+    async with (
+        FakePodResources(short_dir / "pod-resources" / "kubelet.sock") as kubelet_pods,
+        running(
+            short_dir,
+            node=h100_node(metrics=node),
+            metrics_address="127.0.0.1:0",
+            device_metrics_interval=0.05,
+        ) as rp,
+    ):
+        await rp.ready.wait()
+        gpu = rp.k.devices("nvidia.com/gpu")[3].id
+        await rp.k.allocate("nvidia.com/gpu", [gpu])
+        kubelet_pods.assign("ml", "train-0", "trainer", "nvidia.com/gpu", [gpu])
+        kubelet_pods.assign("other", "x", "y", "example.com/fpga", ["fpga0"])  # not ours
+        await kubelet_pods.answered()
+        got = await scrape(rp)
+        held = gpu_labels(3, pod="train-0", namespace="ml", container="trainer")
+        assert got[f"aiodp_gpu_power_watts{{{held}}}"] == 103
+        assert got[f"aiodp_gpu_power_watts{{{gpu_labels(2)}}}"] == 102  # a free GPU
+        pod = 'container="trainer",namespace="ml",pod="train-0",resource="nvidia.com/gpu"'
+        assert got[f"aiodp_pod_devices{{{pod}}}"] == 1
+        assert got[f"aiodp_pod_unhealthy_devices{{{pod}}}"] == 0
+        assert not any("fpga" in k for k in got)
+        doc = json.loads(await http_get(_address(rp), "/status"))
+        pods = {d["id"]: d["pod"] for d in doc["devices"]}
+        assert pods[gpu] == "ml/train-0/trainer"
+        assert sum(1 for p in pods.values() if p) == 1
+
+        write_atomically(rp.devices_file, h100_node({3: "XID 79 (simulated)"}, metrics=node))
+        await next_update(rp.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
+        got = await scrape(rp)
+        assert got[f"aiodp_pod_unhealthy_devices{{{pod}}}"] == 1  # the page an operator needs
+
+        kubelet_pods.release("ml", "train-0")
+        await kubelet_pods.answered()
+        got = await scrape(rp)
+        assert not any("train-0" in k for k in got)
+        assert got[f"aiodp_gpu_power_watts{{{gpu_labels(3)}}}"] == 103
+        assert kubelet_pods.calls >= 4
+
+
+def _address(rp: Running) -> str:
+    assert rp.state.endpoint is not None
+    return rp.state.endpoint.address
