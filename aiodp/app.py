@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiodp
 from aiodp import config as cfg
-from aiodp import generations, health, metrics, nodeconfig, podresources, probes, reload, retry
+from aiodp import (
+    generations,
+    health,
+    metrics,
+    nodeconfig,
+    nodesignals,
+    podresources,
+    probes,
+    reload,
+    retry,
+)
 from aiodp.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry, Health
@@ -327,6 +337,24 @@ def _device_metrics(
     return tasks
 
 
+def _node_signals(
+    config: Config,
+    api: AsyncClient | None,
+    registry: DeviceRegistry,
+    stack: contextlib.AsyncExitStack,
+) -> list[tuple[str, Coroutine[Any, Any, NoReturn]]]:
+    """The node condition and Events on GPU faults; nothing (one line) without API access."""
+    if api is None:
+        api = nodeconfig.client(config, without="GPU faults reach no node condition or Event")
+        if api is None:
+            return []
+        stack.push_async_callback(api.close)
+    signals = nodesignals.NodeSignals(
+        api, config.node_name, nodesignals.boot_id(config.proc_root), config.api_timeout
+    )
+    return [("node-signals", nodesignals.run(signals, registry))]
+
+
 async def _serve(
     config: Config, given: DeviceBackend | None, status: Status, hup: asyncio.Event
 ) -> NoReturn:
@@ -392,6 +420,8 @@ async def _serve(
             tasks.append(
                 ("simulated-watch", reload.run_simulated_watch(backend, reloader, health_wake))
             )
+        if config.node_signals and config.node_name:
+            tasks += _node_signals(config, api, registry, stack)
         if api is not None:
             watch_label = nodeconfig.run_label_watch(api, config, label, reloader.select_config)
             tasks.append(("node-label-watch", watch_label))

@@ -155,6 +155,9 @@ class Config:
     Healthy again; 0 never brings it back (NVIDIA's behaviour)."""
     device_metrics_interval: float = 10.0
     """Seconds between readings of the GPUs' counters for /metrics; 0 turns them off."""
+    node_signals: bool = True
+    """On a critical XID or a lost GPU, set the node condition GPUHealthy and record Events
+    (needs NODE_NAME and API access)."""
     pod_resources_socket: Path | None = Path(DEFAULT_POD_RESOURCES_SOCKET)
     """The kubelet's pod-resources socket, read to label GPU metrics by pod; None = off."""
     health_policy: HealthPolicy = HealthPolicy()
@@ -361,6 +364,13 @@ def _parser() -> _Parser:
         help="largest config or simulated-devices file read (AIODP_MAX_FILE_BYTES) [1048576]",
     )
     add(
+        "--node-signals",
+        nargs="?",
+        const="true",
+        help="set the node condition GPUHealthy and Warning Events on GPU faults "
+        "(AIODP_NODE_SIGNALS) [true]",
+    )
+    add(
         "--pod-resources-socket",
         help="kubelet pod-resources socket for pod labels, empty = off "
         f"(AIODP_POD_RESOURCES_SOCKET) [{DEFAULT_POD_RESOURCES_SOCKET}]",
@@ -401,6 +411,7 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "health_recovery_period": "AIODP_HEALTH_RECOVERY_PERIOD",
     "device_metrics_interval": "AIODP_DEVICE_METRICS_INTERVAL",
     "pod_resources_socket": "AIODP_POD_RESOURCES_SOCKET",
+    "node_signals": "AIODP_NODE_SIGNALS",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
     "max_file_bytes": "AIODP_MAX_FILE_BYTES",
     "gdrcopy_enabled": "GDRCOPY_ENABLED",
@@ -608,6 +619,7 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "health_recovery_period": _period,
     "device_metrics_interval": _period,
     "pod_resources_socket": _optional_path,
+    "node_signals": parse_bool,
     "shutdown_timeout": _seconds,
     "max_file_bytes": _file_bytes,
     "gdrcopy_enabled": parse_bool,

@@ -203,6 +203,10 @@ class DeviceRegistry:
         self._inventory = Inventory.of(devices, self._inventory.version + 1)
         self.wake()
 
+    async def changed(self) -> None:
+        """Return at the next change of any device."""
+        await self._changed.wait()
+
     async def watch(
         self, resource: str, *, until: asyncio.Event | None = None
     ) -> AsyncGenerator[tuple[Device, ...], None]:

@@ -31,21 +31,22 @@ TRANSIENT: Final = (ApiError, OSError, TimeoutError, Exception)
 plain Exceptions); an eternal watch that gives up would leave the node on a stale config."""
 
 
-def client(config: Config) -> AsyncClient | None:
-    """An API client from --kubeconfig or the pod's service account; None (with one line)
-    when there is neither."""
+def client(
+    config: Config, without: str = "this node keeps the default config"
+) -> AsyncClient | None:
+    """An API client from --kubeconfig or the pod's service account; None (with one line
+    ending in `without`: what is missed) when there is neither."""
     try:
         if config.kubeconfig is not None:
             kube = KubeConfig.from_file(config.kubeconfig)
         elif SERVICE_ACCOUNT.is_dir():
             kube = KubeConfig.from_service_account(str(SERVICE_ACCOUNT))
         else:
-            log.warning("no Kubernetes API access (no service account, no --kubeconfig): "
-                        "this node keeps the default config")  # fmt: skip
+            log.warning("no Kubernetes API access (no service account, no --kubeconfig): %s",
+                        without)  # fmt: skip
             return None
     except (KubeConfigError, OSError, ValueError) as e:
-        log.warning("no Kubernetes API access (%s): this node keeps the default config",
-                    cut_text(str(e), 200))  # fmt: skip
+        log.warning("no Kubernetes API access (%s): %s", cut_text(str(e), 200), without)
         return None
     return AsyncClient(kube)
 

@@ -1,4 +1,5 @@
-"""A small in-process stand-in for the Kubernetes API: one Node, GET and watch, over HTTP.
+"""A small in-process stand-in for the Kubernetes API, over HTTP: one Node (GET, watch, and
+a strategic-merge PATCH of its status conditions, merged by type), and Events (POST, PATCH).
 
 Enough for `make test` to drive the node-label config switch without Go; `make e2e` runs the
 same scenarios against a real kube-apiserver.
@@ -20,6 +21,13 @@ class FakeApi:
         self.labels = dict(labels or {})
         self.version = 1
         self.requests: list[str] = []
+        self.conditions: list[dict[str, Any]] = [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady"}  # the kubelet's own
+        ]
+        self.events: dict[str, dict[str, Any]] = {}
+        self.deny: bool = False
+        """Answer 403 to every status PATCH and Event write (RBAC without our rules)."""
+        self.writes = 0
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -72,7 +80,37 @@ class FakeApi:
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": dict(self.labels),
                          "resourceVersion": str(self.version)},
+            "status": {"conditions": [dict(c) for c in self.conditions]},
         }  # fmt: skip
+
+    def condition(self, kind: str) -> dict[str, Any] | None:
+        return next((c for c in self.conditions if c["type"] == kind), None)
+
+    async def wait_writes(self, count: int) -> None:
+        """Until `count` condition patches and Event writes have been applied in all."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.writes >= count)
+
+    async def _patch_status(self, body: Any) -> None:
+        async with self._changed:
+            for new in body["status"]["conditions"]:  # strategic merge: by `type`
+                old = self.condition(new["type"])
+                if old is None:
+                    self.conditions.append(dict(new))
+                else:
+                    old.update(new)
+            self.writes += 1
+            self._changed.notify_all()
+
+    async def _event(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with self._changed:
+            meta = body.setdefault("metadata", {})
+            if "name" not in meta:
+                meta["name"] = f"{meta.get('generateName', 'event.')}{len(self.events):05d}"
+            self.events[meta["name"]] = body
+            self.writes += 1
+            self._changed.notify_all()
+            return body
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -85,13 +123,32 @@ class FakeApi:
                 if not line:
                     return
                 method, target, _ = line.decode().split(" ", 2)
-                while (await reader.readline()) not in (b"\r\n", b""):
-                    pass
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = json.loads(await reader.readexactly(length)) if length else None
                 self.requests.append(f"{method} {target}")
                 url = urllib.parse.urlsplit(target)
                 query = urllib.parse.parse_qs(url.query)
                 if method == "GET" and url.path == f"/api/v1/nodes/{self.node}":
                     await self._send(writer, 200, self._object())
+                elif method in ("PATCH", "POST") and self.deny:
+                    await self._send(writer, 403, {"kind": "Status", "code": 403,
+                                                   "message": "forbidden by the fake"})  # fmt: skip
+                elif method == "PATCH" and url.path == f"/api/v1/nodes/{self.node}/status":
+                    await self._patch_status(body)
+                    await self._send(writer, 200, self._object())
+                elif method == "POST" and url.path == "/api/v1/namespaces/default/events":
+                    await self._send(writer, 201, await self._event(body or {}))
+                elif method == "PATCH" and url.path.startswith(
+                    "/api/v1/namespaces/default/events/"
+                ):
+                    name = url.path.rsplit("/", 1)[1]
+                    await self._send(
+                        writer, 200, await self._event({**self.events[name], **(body or {})})
+                    )
                 elif method == "GET" and url.path == "/api/v1/nodes" and "watch" in query:
                     await self._watch(writer, query.get("fieldSelector", [""])[0])
                     return

@@ -143,6 +143,13 @@ def test_chart_defaults() -> None:
     assert mounts["/var/lib/kubelet/pod-resources"]["readOnly"] is True
     assert not kind(objects, "ConfigMap")
     assert not kind(objects, "ServiceMonitor")
+    (role,) = kind(objects, "ClusterRole")  # node signals: its own node's condition, Events
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    ]
+    assert spec["serviceAccountName"] == "gpu-nvidia-gpu"
     assert "privileged" not in sc
 
 
@@ -168,7 +175,9 @@ def test_chart_config_map_is_mounted_as_a_directory() -> None:
     assert pod(objects)["serviceAccountName"] == "gpu-nvidia-gpu"
     (role,) = kind(objects, "ClusterRole")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
     assert kind(objects, "ClusterRoleBinding")[0]["subjects"][0]["name"] == "gpu-nvidia-gpu"
     assert env(objects)["MIG_STRATEGY"] == "mixed"
@@ -185,7 +194,10 @@ def test_chart_external_config_map() -> None:
     assert not kind(objects, "ConfigMap")
     assert env(objects)["AIODP_CONFIG_DIR"] == "/config"  # its keys are named configs
     assert env(objects)["FALLBACK_STRATEGIES"] == "named,single"
-    assert kind(render({"config": {"map": {"only": "version: v1"}}}), "ClusterRole") == []
+    one = {"config": {"map": {"only": "version: v1"}}, "nodeSignals": {"enabled": False}}
+    assert kind(render(one), "ClusterRole") == []
+    assert "serviceAccountName" not in pod(render(one))
+    assert env(render(one))["AIODP_NODE_SIGNALS"] == "false"
     vol = next(v for v in pod(objects)["volumes"] if v["name"] == "config")
     assert vol["configMap"]["name"] == "my-configs"
 

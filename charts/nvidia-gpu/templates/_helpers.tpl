@@ -36,6 +36,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/* Several named configs (an external ConfigMap, or more than one inline): per-node choice. */}}
+{{/* Whether the plugin talks to the API: per-node configs or node signals. */}}
+{{- define "aiodp.apiAccess" -}}
+{{- if or (include "aiodp.perNode" .) .Values.nodeSignals.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{- define "aiodp.perNode" -}}
 {{- if or .Values.config.name (gt (len (keys .Values.config.map)) 1) -}}true{{- end -}}
 {{- end -}}
