@@ -34,6 +34,8 @@ from aiodp.errors import cut_text
 log = logging.getLogger(__name__)
 
 CONDITION: Final = "GPUHealthy"
+XID_EVENT: Final = "XIDError"
+"""The Event reason on a critical XID (GKE's name); `GPULost` for a lost GPU."""
 REFRESH: Final = 60.0
 MAX_EVENTS: Final = 1024
 EVENT_NAMESPACE: Final = "default"
@@ -202,7 +204,7 @@ class NodeSignals:
             "metadata": {"generateName": f"{self.node}.gpu-", "namespace": EVENT_NAMESPACE},
             "involvedObject": {"kind": "Node", "name": self.node, "uid": self.node},
             "type": "Warning",
-            "reason": "XIDError" if f.kind == "XidCriticalError" else "GPULost",
+            "reason": XID_EVENT if f.kind == "XidCriticalError" else "GPULost",
             "message": self._message(f),
             "source": {"component": COMPONENT, "host": self.node},
             "firstTimestamp": now,

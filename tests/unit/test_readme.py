@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from aiodp import config, configfile, metrics, simulated
+from aiodp import config, configfile, metrics, nodesignals, simulated
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -79,5 +79,9 @@ def test_readme_command_example_parses(line: str) -> None:
     elif argv[:2] == ["kubectl", "label"]:  # the label aiodp reads, set as its default says
         key = argv[4].partition("=")[0]  # kubectl label node <name> <key>=<value>
         assert key == config.Config().node_label
+    elif argv[:3] == ["kubectl", "get", "nodes"]:  # the condition type aiodp sets
+        assert f'@.type=="{nodesignals.CONDITION}"' in line
+    elif argv[:3] == ["kubectl", "get", "events"]:  # the Event reason aiodp records
+        assert f"reason={nodesignals.XID_EVENT}" in argv[-1]
     else:
         assert argv[0] == "make", line
