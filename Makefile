@@ -11,7 +11,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-matrix manifests e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test test-matrix manifests dashboard e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -101,6 +101,10 @@ wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11, 
 
 gpu-check: ## on a machine with an NVIDIA GPU: tests/gpu + a real-NVML smoke run (from wheelhouse/)
 	bash scripts/gpu-check.sh
+
+dashboard: $(STAMP) ## regenerate the chart's Grafana dashboard JSON and its render, docs/dashboard.svg
+	$(BIN)/python scripts/dashboard.py generate
+	$(BIN)/python scripts/dashboard.py render
 
 manifests: $(STAMP) ## render the chart into deployments/static/ (plain manifests; a test checks they match)
 	$(BIN)/python scripts/manifests.py
