@@ -300,6 +300,8 @@ def _device_metrics(
             base = {"gpu": str(gpus[u].index), "UUID": u, "modelName": gpus[u].name}
             held = sorted({(h.pod, h.namespace, h.container) for h in pods.holders.get(u, ())}
                           if pods is not None else ())  # fmt: skip
+            if len(held) > podresources.MAX_LABELLED_HOLDERS:
+                held = []  # widely shared: once, unlabelled (aiodp_pod_devices names them)
             for pod, namespace, container in held or [("", "", "")]:
                 labels = {**base, "pod": pod, "namespace": namespace, "container": container}
                 out.append((labels, values))

@@ -30,6 +30,9 @@ MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 """The kubelet's own client default for this API; a larger answer is refused, not decoded."""
 MAX_HOLDERS: Final = 4096
 """(container, device) pairs kept per answer: bounds the label sets on /metrics."""
+MAX_LABELLED_HOLDERS: Final = 8
+"""A GPU held by more containers (time-slicing, MPS) has its counters reported once, without
+pod labels, rather than copied per container: scrape size stays bounded by the GPUs."""
 CALL_TIMEOUT: Final = 5.0
 ALLOCATE_DELAY: Final = 1.0
 """After an Allocate, wait this long before asking: the kubelet lists a container only once

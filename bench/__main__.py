@@ -334,6 +334,117 @@ def main() -> None:
     )
     print(f"  Allocate of one replica: median {r['alloc']:.3f} ms, p99 {r['alloc_p99']:.3f} ms")
     print(f"  plugin RSS: {r['rss']:.1f} MiB")
+    main_gpu_metrics()
+
+
+def bench_gpu_metrics() -> list[tuple[str, float, float, float]]:
+    """/metrics with GPU counters and pod labels: scrape time and size at 8 GPUs with 100 pods
+    and with 1,024 (8 x 128 replicas, one pod each); the bench process's RSS after each."""
+    import asyncio
+
+    from aiodp import app
+    from aiodp import config as cfg
+    from aiodp.fakekubelet import FakeKubelet
+    from aiodp.fakepodresources import FakePodResources
+    from aiodp.status import Status
+    from aiodp.testbed import DEMO_METRICS, h100_node, http_get, next_update
+    from bench.server import REPLICAS_128
+
+    async def one(pods: int) -> tuple[float, float, float]:
+        directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+        node = directory / "devices.yaml"
+        node.write_text(h100_node(metrics=DEMO_METRICS))
+        (directory / "config.yaml").write_text(REPLICAS_128)
+        sock = directory / "pr" / "kubelet.sock"
+        config = cfg.build(
+            {
+                "backend": "simulated", "simulated_devices": node,
+                "kubelet_socket": directory / "kubelet.sock", "metrics_address": "127.0.0.1:0",
+                "config_file": directory / "config.yaml", "pod_resources_socket": sock,
+                "device_metrics_interval": 0.1,
+            },
+            cfg.load(directory / "config.yaml"),
+        )  # fmt: skip
+        stop, status = asyncio.Event(), Status()
+        async with FakeKubelet(directory) as kubelet, FakePodResources(sock) as fake:
+            task = asyncio.create_task(app.main(config, stop=stop, status=status))
+            first = await next_update(kubelet, lambda u: len(u.devices) == 1024)
+            ids = [d.id for d in first.devices]
+            for i in range(pods):
+                fake.assign("bench", f"pod-{i}", "main", "nvidia.com/gpu", [ids[i]])
+            await fake.answered()
+            assert status.endpoint is not None
+            address = status.endpoint.address
+            samples, size = [], 0
+            for _ in range(30):
+                t = time.perf_counter()
+                size = len(await http_get(address, "/metrics"))
+                samples.append(time.perf_counter() - t)
+            stop.set()
+            await task
+        return statistics.median(samples) * 1e3, size / 1024, rss_mib(os.getpid())
+
+    return [
+        (label, *asyncio.run(one(pods)))
+        for label, pods in (("8 GPUs, 100 pods", 100), ("8 x 128 replicas, 1,024 pods", 1024))
+    ]
+
+
+def bench_collection_cpu(readings: int = 200) -> dict[str, float]:
+    """CPU time of one collection round (NVML counters of 8 GPUs through the fake module,
+    plus a pod-resources List of 100 pods), and its share of a core at the default interval."""
+    import asyncio
+
+    from aiodp import config as cfg
+    from aiodp.fakepodresources import FakePodResources
+    from aiodp.nvml import NvmlBackend
+    from aiodp.podresources import Attribution
+    from tests.fakenvml import dgx
+
+    async def run() -> tuple[float, float]:
+        machine = dgx(8)
+        directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+        ids = {g.uuid: g.uuid for g in machine.gpus}
+        async with (
+            NvmlBackend(sys_root=directory, proc_root=directory, nvml=machine.module()) as b,
+            FakePodResources(directory / "pr.sock") as fake,
+        ):
+            await b.discover()
+            for i in range(100):
+                fake.assign(
+                    "bench", f"pod-{i}", "main", "nvidia.com/gpu", [machine.gpus[i % 8].uuid]
+                )
+            att = Attribution(directory / "pr.sock", lambda r, d: ids.get(d))
+            for _ in range(20):
+                await b.read_metrics()
+                await att.refresh()
+            t = time.process_time()
+            for _ in range(readings):
+                await b.read_metrics()
+            nvml = (time.process_time() - t) / readings
+            t = time.process_time()
+            for _ in range(readings):
+                await att.refresh()
+            pods = (time.process_time() - t) / readings
+        return nvml, pods
+
+    nvml, pods = asyncio.run(run())
+    interval = cfg.Config().device_metrics_interval
+    return {"nvml": nvml * 1e3, "pods": pods * 1e3, "share": (nvml + pods) / interval * 100,
+            "interval": interval}  # fmt: skip
+
+
+def main_gpu_metrics() -> None:
+    print("\nGPU metrics on /metrics (simulated GPUs with counters, pod labels from pod-resources)")
+    print(f"  {'node':<30} {'scrape median ms':>17} {'/metrics KiB':>13} {'RSS MiB':>8}")
+    for label, ms, kib, rss in bench_gpu_metrics():
+        print(f"  {label:<30} {ms:>17.2f} {kib:>13.0f} {rss:>8.1f}")
+    c = bench_collection_cpu()
+    print(
+        f"  collection CPU per round: NVML counters of 8 GPUs (fake module) {c['nvml']:.3f} ms, "
+        f"pod-resources List of 100 pods {c['pods']:.3f} ms; at the default "
+        f"{c['interval']:g} s interval {c['share']:.3f} % of a core (target <= 0.5 %)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aiodp import metrics
+from aiodp import metrics, podresources
 from aiodp.backend import DeviceBackend, GpuMetrics
 from aiodp.config import Config
 from aiodp.fakepodresources import FakePodResources
@@ -178,3 +178,30 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
 def _address(rp: Running) -> str:
     assert rp.state.endpoint is not None
     return rp.state.endpoint.address
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_of_a_widely_shared_gpu_are_reported_once(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(podresources, "MAX_LABELLED_HOLDERS", 1)
+    async with (
+        FakePodResources(short_dir / "pod-resources" / "kubelet.sock") as kubelet_pods,
+        running(
+            short_dir,
+            node=h100_node(metrics={3: {"power_watts": 103}}),
+            metrics_address="127.0.0.1:0",
+            device_metrics_interval=0.05,
+        ) as rp,
+    ):
+        await rp.ready.wait()
+        gpu = rp.k.devices("nvidia.com/gpu")[3].id
+        for pod in ("a", "b"):
+            kubelet_pods.assign("ml", pod, "c", "nvidia.com/gpu", [gpu])
+        await kubelet_pods.answered()
+        got = await scrape(rp)
+        power = [k for k in got if k.startswith("aiodp_gpu_power_watts{")]
+        assert power == [f"aiodp_gpu_power_watts{{{gpu_labels(3)}}}"]  # once, unlabelled
+        for pod in ("a", "b"):
+            key = f'container="c",namespace="ml",pod="{pod}",resource="nvidia.com/gpu"'
+            assert got[f"aiodp_pod_devices{{{key}}}"] == 1  # every holder still named
