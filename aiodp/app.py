@@ -307,6 +307,7 @@ def _device_metrics(
                 out.append((labels, values))
         return out
 
+    status.reading(lambda: latest)
     metrics.set_gpu_source(rows)
     stack.callback(metrics.set_gpu_source, None)
     reading = health.run_device_metrics(

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiodp
 from aiodp import aiokit, metrics, probes, server
@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 
 KubeletId = tuple[int | None, int]
 """kubelet.sock's (inode, event count): another kubelet has another one."""
+
+
+LIVE_METRICS: Final = (
+    "utilization_ratio",
+    "memory_used_bytes",
+    "power_watts",
+    "temperature_celsius",
+)
+"""The few live readings /status shows per device (of its physical GPU)."""
 
 
 class Status:
@@ -54,6 +63,7 @@ class Status:
         self._accepted_at: list[float] = []
         self._started: list[str] = []
         self._holders: Callable[[], Mapping[str, str]] = dict
+        self._readings: Callable[[], Mapping[str, Mapping[str, object]]] = dict
         self._on_allocate: Callable[[], None] = lambda: None
 
     # -- reading ----------------------------------------------------------------------------
@@ -192,6 +202,10 @@ class Status:
         whom to tell when an Allocate is answered."""
         self._holders, self._on_allocate = holders, on_allocate
 
+    def reading(self, latest: Callable[[], Mapping[str, Mapping[str, object]]]) -> None:
+        """Where each GPU's latest counters come from (GPU UUID -> GpuMetrics fields)."""
+        self._readings = latest
+
     def allocation_answered(self) -> None:
         self._on_allocate()
 
@@ -226,7 +240,7 @@ class Status:
                 for key, source in live.config.sources.items()
             }
         if live is not None and self._registry is not None:
-            pods = self._holders()
+            pods, readings = self._holders(), self._readings()
             out["devices"] = [
                 {
                     "id": d.id,
@@ -238,6 +252,11 @@ class Status:
                     "numa": d.numa_node,
                     "nvlink_peers": _peers(live, d.gpu),
                     "pod": pods.get(d.id),
+                    "metrics": {
+                        k: v
+                        for k, v in readings.get(d.gpu, {}).items()
+                        if k in LIVE_METRICS and isinstance(v, int | float)
+                    },
                 }
                 for d in self._registry.inventory().devices
             ]

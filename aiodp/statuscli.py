@@ -56,6 +56,17 @@ def run(config: Config, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def _live(m: dict[str, Any]) -> str:
+    """UTIL POWER TEMP of a device's GPU, `-` where there is no reading."""
+    util, power, temp = (m.get(k) for k in ("utilization_ratio", "power_watts",
+                                            "temperature_celsius"))  # fmt: skip
+    return (
+        f"{'-' if util is None else f'{util * 100:.0f}%':>5} "
+        f"{'-' if power is None else f'{power:.0f}W':>6} "
+        f"{'-' if temp is None else f'{temp:.0f}C':>5}"
+    )
+
+
 def table(doc: dict[str, Any]) -> str:
     """One screen: the plugin, its resources, every device, the settings not at default."""
     lines = [f"aiodp {doc.get('version')} since {doc.get('started')}: {doc.get('ready')}", ""]
@@ -66,13 +77,13 @@ def table(doc: dict[str, Any]) -> str:
             f"{r['since'] or '-':<26} {r['streams']}"
         )
     lines += ["", f"{'DEVICE':<44} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
-              f"{'REASON':<24} POD"]  # fmt: skip
+              f"{'UTIL':>5} {'POWER':>6} {'TEMP':>5} {'REASON':<24} POD"]  # fmt: skip
     for d in doc.get("devices", []):
         peers = ",".join(f"{k}x{v}" for k, v in d["nvlink_peers"].items()) or "-"
         numa = "-" if d["numa"] is None else str(d["numa"])
         lines.append(
             f"{d['id']:<44} {d['health']:<10} {d['since'] or '-':<26} {numa:<5} {peers:<16} "
-            f"{d['reason'] or '-':<24} {d['pod'] or '-'}"
+            f"{_live(d.get('metrics') or {})} {d['reason'] or '-':<24} {d['pod'] or '-'}"
         )
     changed = {k: v for k, v in doc.get("config", {}).items() if v["source"] != "default"}
     lines += ["", "SETTINGS NOT AT DEFAULT"]

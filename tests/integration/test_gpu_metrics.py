@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aiodp import metrics, podresources
+from aiodp import metrics, podresources, statuscli
 from aiodp.backend import DeviceBackend, GpuMetrics
 from aiodp.config import Config
 from aiodp.fakepodresources import FakePodResources
@@ -161,6 +161,11 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
         pods = {d["id"]: d["pod"] for d in doc["devices"]}
         assert pods[gpu] == "ml/train-0/trainer"
         assert sum(1 for p in pods.values() if p) == 1
+        live = {d["id"]: d["metrics"] for d in doc["devices"]}
+        assert live[gpu] == {"power_watts": 103}  # what the file states, nothing invented
+        row = next(r for r in statuscli.table(doc).splitlines() if r.startswith(gpu))
+        assert "103W" in row
+        assert row.endswith("ml/train-0/trainer")
 
         write_atomically(rp.devices_file, h100_node({3: "XID 79 (simulated)"}, metrics=node))
         await next_update(rp.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
