@@ -58,3 +58,20 @@ async def test_gpu_xid_events_register_and_stay_quiet() -> None:
             assert quiet, f"unexpected health event on a healthy GPU: {event}"
         finally:
             await events.aclose()  # stops the event thread
+
+
+async def test_gpu_metrics_read_in_their_units() -> None:
+    async with NvmlBackend() as b:
+        infos = await b.discover()
+        reading = await b.read_metrics()
+    assert set(reading) == {g.uuid for g in infos}
+    for g in infos:
+        m = reading[g.uuid]
+        assert m.memory_total_bytes is not None
+        assert abs(m.memory_total_bytes / 2**20 - g.memory_mib) <= 1024
+        assert m.temperature_celsius is not None
+        assert 0 < m.temperature_celsius < 110
+        if m.power_watts is not None:
+            assert 0 < m.power_watts < 2000  # watts, not milliwatts
+        if m.sm_clock_hertz is not None:
+            assert 1e8 < m.sm_clock_hertz < 5e9  # hertz, not MHz
