@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import inotify_simple
 import pytest
 
 from aiodp import metrics
@@ -118,6 +119,15 @@ async def test_e2e_config_reload(version: str, short_dir: Path) -> None:
         assert rp.state.registrations == 2  # the new resource; nvidia.com/gpu kept its own
 
 
+async def until_logged(path: Path, text: str, count: int, within: float = 20) -> None:
+    """Until `path` holds `count` lines containing `text` (inotify on its writes, bounded)."""
+    with inotify_simple.INotify() as watch:
+        watch.add_watch(path, inotify_simple.flags.MODIFY)
+        async with asyncio.timeout(within):
+            while (await asyncio.to_thread(path.read_text)).count(text) < count:
+                await asyncio.to_thread(watch.read, 100)
+
+
 @pytest.mark.parametrize("mode", ["stop", "crash"])
 async def test_e2e_restarts_register_exactly_once_each(
     version: str, mode: str, short_dir: Path
@@ -143,6 +153,9 @@ async def test_e2e_restarts_register_exactly_once_each(
                 starts.append(started)
                 back.append(await dm.wait(GPU, 8, 8) - started)  # re-registered, list in
             await dm.call("allocate", resource=GPU, count=1, pod="after")
+            # the kubelet counts our devices while our Register is still being answered: wait
+            # for its answer (the log line) before stopping, or the last one is cut short
+            await until_logged(log, f"registered {GPU} with", RESTARTS + 1)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
