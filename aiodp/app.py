@@ -279,6 +279,7 @@ def _device_metrics(
     pod-resources socket answers."""
     latest: dict[str, Mapping[str, object]] = {}
     gpus = {g.uuid: g for g in infos}
+    migs = {m.uuid: (g, m) for g in infos for m in g.mig_devices}
 
     def keep(reading: Mapping[str, GpuMetrics]) -> None:
         latest.clear()
@@ -286,7 +287,7 @@ def _device_metrics(
 
     def physical(resource: str, device_id: str) -> str | None:
         d = registry.get(device_id)
-        return d.gpu if d is not None and d.resource == resource else None
+        return d.uuid if d is not None and d.resource == resource else None
 
     pods = None
     if config.pod_resources_socket is not None:
@@ -294,12 +295,23 @@ def _device_metrics(
 
     def rows() -> list[metrics.GpuRow]:
         out: list[metrics.GpuRow] = []
+        holders = pods.holders if pods is not None else {}
         for u, values in sorted(latest.items()):
-            if u not in gpus:
+            if u in gpus:
+                g = gpus[u]
+                base = {"gpu": str(g.index), "UUID": u, "modelName": g.name,
+                        "GPU_I_ID": "", "GPU_I_PROFILE": ""}  # fmt: skip
+                # a GPU in MIG mode is held through its MIG devices
+                mine = [h for x in (u, *(m.uuid for m in g.mig_devices))
+                        for h in holders.get(x, ())]  # fmt: skip
+            elif u in migs:
+                g, m = migs[u]
+                base = {"gpu": str(g.index), "UUID": g.uuid, "modelName": g.name,
+                        "GPU_I_ID": str(m.gi), "GPU_I_PROFILE": m.profile}  # fmt: skip
+                mine = list(holders.get(u, ()))
+            else:
                 continue
-            base = {"gpu": str(gpus[u].index), "UUID": u, "modelName": gpus[u].name}
-            held = sorted({(h.pod, h.namespace, h.container) for h in pods.holders.get(u, ())}
-                          if pods is not None else ())  # fmt: skip
+            held = sorted({(h.pod, h.namespace, h.container) for h in mine})
             if len(held) > podresources.MAX_LABELLED_HOLDERS:
                 held = []  # widely shared: once, unlabelled (aiodp_pod_devices names them)
             for pod, namespace, container in held or [("", "", "")]:

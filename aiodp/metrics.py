@@ -158,8 +158,12 @@ class _Devices(Collector):
 REGISTRY.register(_Devices())
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, ...
 
-GPU_LABELS: Final = ("gpu", "UUID", "modelName", "pod", "namespace", "container")
-"""As dcgm-exporter names them; pod, namespace and container are empty for a free GPU."""
+GPU_LABELS: Final = (
+    "gpu", "UUID", "modelName", "GPU_I_ID", "GPU_I_PROFILE", "pod", "namespace", "container"
+)  # fmt: skip
+"""As dcgm-exporter names them. A MIG device's series carry its parent's gpu, UUID and model
+with its GPU instance and profile (empty for a whole GPU); pod, namespace and container are
+empty for a free device."""
 GpuRow = tuple[Mapping[str, str], Mapping[str, object]]
 """(labels: GPU_LABELS; a GPU's readings by GpuMetrics field name)."""
 PodRow = tuple[str, str, str, str, bool]

@@ -316,6 +316,17 @@ class NvmlBackend:
                 metrics.observe_nvml_error("nvmlDeviceGetHandleByUUID")
                 continue
             out[info.uuid] = self._gpu_metrics(info.uuid, h)
+            for mig in info.mig_devices:  # NVML reads memory per MIG device, not the rest
+                try:
+                    mh = self.n.nvmlDeviceGetHandleByUUID(mig.uuid)
+                except self.n.NVMLError:
+                    metrics.observe_nvml_error("nvmlDeviceGetHandleByUUID")
+                    continue
+                mem = self._read(mig.uuid, "memory", "nvmlDeviceGetMemoryInfo", mh)
+                out[mig.uuid] = GpuMetrics(
+                    memory_used_bytes=None if mem is None else float(mem.used),
+                    memory_total_bytes=None if mem is None else float(mem.total),
+                )
         return out
 
     def _read(self, uuid: str, what: str, name: str, *args: Any) -> Any:

@@ -52,7 +52,7 @@ class Holder:
 
 
 Holders = Mapping[str, tuple[Holder, ...]]
-"""Physical GPU UUID -> the containers holding it (or one of its replicas or MIG devices)."""
+"""GPU or MIG device UUID -> the containers holding it (or one of its replicas)."""
 
 
 class _BoundedCodec(ProtoCodec):
@@ -66,8 +66,9 @@ def holders(
     answer: ListPodResourcesResponse,
     physical: Callable[[str, str], str | None],
 ) -> dict[str, tuple[Holder, ...]]:
-    """Map the kubelet's answer to our GPUs; `physical(resource, device_id)` names the GPU UUID
-    behind an ID of ours, or None for an ID that is not ours (another plugin's, a gone one)."""
+    """Map the kubelet's answer to our devices; `physical(resource, device_id)` names the GPU
+    or MIG device UUID behind an ID of ours (a replica's too), or None for an ID that is not
+    ours (another plugin's, a gone one)."""
     out: dict[str, list[Holder]] = {}
     kept = 0
     for pod in answer.pod_resources:

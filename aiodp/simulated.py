@@ -59,7 +59,7 @@ GPU_KEYS: Final = frozenset(
         "metrics",
     }
 )
-MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci"})
+MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci", "metrics"})
 MAX_TEXT: Final = 256
 """Characters in one text value (a UUID, a name, a reason): real ones are far shorter."""
 
@@ -160,6 +160,10 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         reason = _opt(f"{where}.reason", g.get("reason"), fault)
         seen_uuid.add(uuid)
         migs = _mig_devices(f"{where}.mig_devices", g.get("mig_devices") or [], index, seen_uuid)
+        for pos, m in enumerate(g.get("mig_devices") or []):
+            if m.get("metrics") is not None:
+                at = f"{where}.mig_devices[{pos}].metrics"
+                metrics[migs[pos].uuid] = _metrics(at, m["metrics"])
         seen_index.add(index)
         if g.get("metrics") is not None:
             metrics[uuid] = _metrics(f"{where}.metrics", g["metrics"])

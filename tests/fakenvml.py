@@ -55,6 +55,7 @@ class FakeMig:
     gi_slices: int = 1
     ci_slices: int = 1
     memory_mb: int = 9856
+    memory_used: int = 0
 
 
 @dataclass
@@ -187,6 +188,9 @@ class FakeMachine:
                 if g.lost:
                     raise NVMLError(NVML_ERROR_GPU_IS_LOST)
                 return Handle(i)
+            for n, m in enumerate(g.migs or []):
+                if m.uuid == uuid:
+                    return Handle(i, n)
         raise NVMLError(NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetUUID(self, h: Handle) -> str:
@@ -204,6 +208,9 @@ class FakeMachine:
 
     def nvmlDeviceGetMemoryInfo(self, h: Handle) -> Any:
         gpu = self._gpu(h)
+        if h.mig is not None:
+            mig = self._mig(h)
+            return SimpleNamespace(total=mig.memory_mb * 2**20, used=mig.memory_used)
         return SimpleNamespace(total=gpu.memory, used=gpu.memory_used)
 
     # -- counters for /metrics (units as NVML answers them) ---------------------------

@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests import scripts
+
 helm_python = pytest.importorskip("helm_python")  # its wheels are x86-64 only
 pytestmark = pytest.mark.helm
 
@@ -378,14 +380,8 @@ def test_chart_pod_attribution(metrics: dict[str, Any], socket: str) -> None:
 
 def test_chart_static_manifests_match_the_chart() -> None:
     """deployments/static/ is generated from the chart (`make manifests`): no drift."""
-    import importlib.util
-
     root = Path(CHART).parents[1]
-    spec = importlib.util.spec_from_file_location("manifests", root / "scripts/manifests.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = scripts.load("manifests")
     committed = (root / "deployments/static/nvidia-gpu.yaml").read_text()
     assert module.render() == committed, "run `make manifests` and commit the result"
     objects = [doc for doc in yaml.safe_load_all(committed) if doc]

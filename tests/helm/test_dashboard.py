@@ -4,34 +4,22 @@ of a recorded busy node shows data where it should."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from aiodp import metrics
+from tests import scripts
 from tests.helm.test_chart import kind, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dashboard", ROOT / "scripts/dashboard.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dashboard"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-dashboard = _load()
+dashboard = scripts.load("dashboard")
 
 
 def exported() -> set[str]:

@@ -28,7 +28,7 @@ def _uuid(i: int) -> str:
 def gpu_labels(i: int, pod: str = "", namespace: str = "", container: str = "") -> str:
     """A GPU's labels as metrics.samples() spells them (sorted)."""
     return (
-        f'UUID="{_uuid(i)}",container="{container}",gpu="{i}",'
+        f'GPU_I_ID="",GPU_I_PROFILE="",UUID="{_uuid(i)}",container="{container}",gpu="{i}",'
         f'modelName="NVIDIA H100 80GB HBM3",namespace="{namespace}",pod="{pod}"'
     )
 
@@ -210,3 +210,41 @@ async def test_gpu_metrics_of_a_widely_shared_gpu_are_reported_once(
         for pod in ("a", "b"):
             key = f'container="c",namespace="ml",pod="{pod}",resource="nvidia.com/gpu"'
             assert got[f"aiodp_pod_devices{{{key}}}"] == 1  # every holder still named
+
+
+MIG_NODE = """\
+gpus:
+  - uuid: GPU-m
+    name: NVIDIA H100 80GB HBM3
+    metrics: {power_watts: 200, memory_total_bytes: 85520809984}
+    mig_devices:
+      - {uuid: MIG-a, profile: 1g.10gb, gi: 7, ci: 0, metrics: {memory_used_bytes: 1048576}}
+      - {uuid: MIG-b, profile: 3g.40gb, gi: 2, ci: 0}
+"""
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_per_mig_device_name_its_pod(short_dir: Path) -> None:
+    async with (
+        FakePodResources(short_dir / "pod-resources" / "kubelet.sock") as kubelet_pods,
+        running(
+            short_dir,
+            node=MIG_NODE,
+            mig_strategy="mixed",
+            metrics_address="127.0.0.1:0",
+            device_metrics_interval=0.05,
+        ) as rp,
+    ):
+        await rp.ready.wait()
+        kubelet_pods.assign("ml", "small", "c", "nvidia.com/mig-1g.10gb", ["MIG-a"])
+        await kubelet_pods.answered()
+        got = await scrape(rp)
+    model = 'modelName="NVIDIA H100 80GB HBM3"'
+    held = 'container="c",gpu="0",' + model + ',namespace="ml",pod="small"'
+    mig = f'GPU_I_ID="7",GPU_I_PROFILE="1g.10gb",UUID="GPU-m",{held}'
+    assert got[f"aiodp_gpu_memory_used_bytes{{{mig}}}"] == 1048576
+    # the GPU itself: held through its MIG device
+    whole = f'GPU_I_ID="",GPU_I_PROFILE="",UUID="GPU-m",{held}'
+    assert got[f"aiodp_gpu_power_watts{{{whole}}}"] == 200
+    # MIG-b states nothing: no series of its own
+    assert not any('GPU_I_PROFILE="3g.40gb"' in k for k in got)

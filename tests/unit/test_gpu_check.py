@@ -3,25 +3,10 @@ nvidia-smi answer (the GPU machine runs it for real)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 from aiodp.backend import GpuMetrics
+from tests import scripts
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
+gpu_check = scripts.load("gpu_check")
 SMI = (
     "GPU-a, 37, 1024, 81559, 112.40, 41, 1980, 2619, 0, 0\n"
     "GPU-b, [N/A], 10, 81559, [Not Supported], 40, 1980, 2619, [N/A], [N/A]\n"

@@ -216,8 +216,15 @@ async def test_nvml_metrics_in_prometheus_units(backend: NvmlBackend, machine: F
     gpu.nvlink_errors = {2: 1}  # one CRC flit error on each active link
     assert await backend.read_metrics() == {}  # nothing to read before discovery
     await backend.discover()
+    machine.gpus[3].migs[0].memory_used = 2**29  # type: ignore[index]
     reading = await backend.read_metrics()
-    assert set(reading) == {g.uuid for g in machine.gpus}
+    migs = {m.uuid for m in machine.gpus[3].migs or []}
+    assert set(reading) == {g.uuid for g in machine.gpus} | migs
+    # a MIG device: its own memory, nothing NVML reads only per GPU
+    a = reading["MIG-fake-3-a"]
+    assert (a.memory_used_bytes, a.memory_total_bytes) == (2**29, 9856 * 2**20)
+    assert a.power_watts is None
+    assert a.utilization_ratio is None
     m = reading[gpu.uuid]
     assert (m.utilization_ratio, m.memory_utilization_ratio) == (0.87, 0.40)
     assert (m.memory_used_bytes, m.memory_total_bytes) == (2**30, gpu.memory)
@@ -240,7 +247,9 @@ async def test_nvml_metrics_unsupported_left_out_failed_counted(
     first = await backend.read_metrics()
     second = await backend.read_metrics()
     for reading in (first, second):
-        for m in reading.values():
+        for u, m in reading.items():
+            if u.startswith("MIG-"):
+                continue
             assert m.energy_joules is None
             assert m.power_watts is None
             assert m.nvlink_errors is None

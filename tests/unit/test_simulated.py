@@ -87,6 +87,11 @@ def test_simulated_mig_devices() -> None:
         ),
         ("gpus: [{uuid: a, metrics: 3}]\n", "gpus[0].metrics: must be a mapping"),
         ("gpus: [{uuid: a, metrics: {fan: 1}}]\n", "gpus[0].metrics.fan: unknown metric"),
+        (
+            "gpus: [{uuid: a, mig_devices: [{uuid: m, profile: p, gi: 1, ci: 0, "
+            "metrics: {fan: 1}}]}]\n",
+            "gpus[0].mig_devices[0].metrics.fan: unknown metric",
+        ),
         ("gpus: [{uuid: a, metrics: {power_watts: -1}}]\n", "power_watts: must be a number >= 0"),
         ("gpus: [{uuid: a, metrics: {power_watts: yes}}]\n", "must be a number >= 0, got True"),
         ("gpus: [{uuid: a, metrics: {clock_events: [hot]}}]\n", "clock_events: must list some"),
