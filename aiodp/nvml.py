@@ -62,6 +62,20 @@ TEMPERATURE_GPU: Final = 0
 CLOCK_SM: Final = 1
 CLOCK_MEM: Final = 2
 FEATURE_ENABLED: Final = 1
+# One nvmlDeviceGetFieldValues call per GPU reads these (NVML_FI_DEV_*), in place of a call
+# each and, for NVLink, one per link and counter (up to 72): the batch serves there.
+FIELDS: Final[Mapping[str, int]] = {
+    "ecc_corrected": 3,  # ECC_SBE_VOL_TOTAL
+    "ecc_uncorrected": 4,  # ECC_DBE_VOL_TOTAL
+    "energy_mj": 83,  # TOTAL_ENERGY_CONSUMPTION
+    "pcie_replays": 94,  # PCIE_REPLAY_COUNTER
+    "replay": 52,  # NVLINK_REPLAY_ERROR_COUNT_TOTAL
+    "recovery": 59,  # NVLINK_RECOVERY_ERROR_COUNT_TOTAL
+    "crc_flit": 38,  # NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL
+    "crc_data": 45,  # NVLINK_CRC_DATA_ERROR_COUNT_TOTAL
+}
+_VALUE_FIELDS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal")
+"""c_nvmlValue_t's member for each NVML_VALUE_TYPE_* (0 to 5)."""
 MAX_NVLINKS: Final = 36  # NVML_NVLINK_MAX_LINKS (NVML 12)
 
 PCIE_RELATION: Final[Mapping[int, str]] = {
@@ -346,17 +360,57 @@ class NvmlBackend:
                 metrics.observe_nvml_error(name)
             return None
 
+    def _fields(self, uuid: str, h: Any) -> dict[str, float | None] | None:
+        """FIELDS in one call; None when the call itself is unavailable (older driver or
+        bindings) or fails, and the caller reads them one by one."""
+        fn = getattr(self.n, "nvmlDeviceGetFieldValues", None)
+        if fn is None:
+            return None
+        try:
+            values = fn(h, list(FIELDS.values()))
+        except self.n.NVMLError as e:
+            if e.value != NOT_SUPPORTED:
+                metrics.observe_nvml_error("nvmlDeviceGetFieldValues")
+            return None
+        out: dict[str, float | None] = {}
+        for name, v in zip(FIELDS, values, strict=True):
+            if v.nvmlReturn == 0 and 0 <= v.valueType < len(_VALUE_FIELDS):
+                out[name] = float(getattr(v.value, _VALUE_FIELDS[v.valueType]))
+                continue
+            out[name] = None
+            if v.nvmlReturn == NOT_SUPPORTED:
+                if (uuid, name) not in self._unsupported:
+                    self._unsupported.add((uuid, name))
+                    log.info("GPU %s does not support %s: that metric is left out", uuid, name)
+            else:
+                metrics.observe_nvml_error(f"nvmlDeviceGetFieldValues:{name}")
+        return out
+
     def _gpu_metrics(self, uuid: str, h: Any) -> GpuMetrics:
         read = functools.partial(self._read, uuid)
         util = read("utilization", "nvmlDeviceGetUtilizationRates", h)
         mem = read("memory", "nvmlDeviceGetMemoryInfo", h)
         power = read("power", "nvmlDeviceGetPowerUsage", h)
-        energy = read("energy", "nvmlDeviceGetTotalEnergyConsumption", h)
         events = read("clock events", "nvmlDeviceGetCurrentClocksEventReasons", h)
-        ecc = [
-            read("ECC errors", "nvmlDeviceGetTotalEccErrors", h, kind, VOLATILE_ECC)
-            for kind in (MEMORY_ERROR_CORRECTED, MEMORY_ERROR_UNCORRECTED)
-        ]
+        fields = self._fields(uuid, h)
+        if fields is not None:
+            energy = fields["energy_mj"]
+            ecc = [fields["ecc_corrected"], fields["ecc_uncorrected"]]
+            replays = fields["pcie_replays"]
+            counts = {k: fields[k] for k in NVLINK_ERRORS}
+            nvlink: Mapping[str, float] | None = (
+                None
+                if all(v is None for v in counts.values())
+                else {k: v or 0.0 for k, v in counts.items()}
+            )
+        else:
+            energy = read("energy", "nvmlDeviceGetTotalEnergyConsumption", h)
+            ecc = [
+                read("ECC errors", "nvmlDeviceGetTotalEccErrors", h, kind, VOLATILE_ECC)
+                for kind in (MEMORY_ERROR_CORRECTED, MEMORY_ERROR_UNCORRECTED)
+            ]
+            replays = read("PCIe replays", "nvmlDeviceGetPcieReplayCounter", h)
+            nvlink = self._nvlink_errors(uuid, h)
         retired = [
             read("retired pages", "nvmlDeviceGetRetiredPages", h, cause)
             for cause in (RETIRED_SINGLE_BIT, RETIRED_DOUBLE_BIT)
@@ -384,8 +438,8 @@ class NvmlBackend:
             retired_pages=None if None in retired else float(sum(len(p) for p in retired)),
             remapped_rows_corrected=None if rows is None else float(rows[0]),
             remapped_rows_uncorrected=None if rows is None else float(rows[1]),
-            pcie_replays=_num(read("PCIe replays", "nvmlDeviceGetPcieReplayCounter", h)),
-            nvlink_errors=self._nvlink_errors(uuid, h),
+            pcie_replays=_num(replays),
+            nvlink_errors=nvlink,
         )
 
     def _nvlink_errors(self, uuid: str, h: Any) -> Mapping[str, float] | None:

@@ -38,6 +38,18 @@ MESSAGES = {
 }
 
 
+FIELD_IDS: dict[int, str | int] = {
+    3: "ecc0", 4: "ecc1", 83: "energy", 94: "pcie", 52: 0, 59: 1, 38: 2, 45: 3
+}  # fmt: skip
+"""NVML_FI_DEV_* this fake answers: ECC volatile totals, energy, PCIe replays, and the
+NVLink error totals (by NVML_NVLINK_ERROR_DL_* counter)."""
+
+
+def _field(value: int, code: int = 0) -> Any:
+    """One c_nvmlFieldValue_t: an unsigned long long (NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)."""
+    return SimpleNamespace(nvmlReturn=code, valueType=3, value=SimpleNamespace(ullVal=value))
+
+
 class NVMLError(Exception):
     def __init__(self, value: int) -> None:
         super().__init__(value)
@@ -113,6 +125,8 @@ class FakeMachine:
         self.calls: list[str] = []
         self.unsupported: set[str] = set()
         """Functions that answer NOT_SUPPORTED on every device (an older GPU or driver)."""
+        self.unsupported_fields: set[int] = set()
+        """Field IDs nvmlDeviceGetFieldValues answers NOT_SUPPORTED for, one by one."""
         self.failing: set[str] = set()
         """Functions that answer UNKNOWN: a reading the driver failed."""
         self._called = threading.Condition(self.lock)
@@ -243,6 +257,22 @@ class FakeMachine:
 
     def nvmlDeviceGetPcieReplayCounter(self, h: Handle) -> int:
         return self._gpu(h).pcie_replays
+
+    def nvmlDeviceGetFieldValues(self, h: Handle, ids: list[int]) -> list[Any]:
+        gpu, out = self._gpu(h), []
+        for fid in ids:
+            what = FIELD_IDS.get(fid)
+            nvlink = isinstance(what, int)
+            if what is None or fid in self.unsupported_fields or (nvlink and not self._links(h)):
+                out.append(_field(0, NVML_ERROR_NOT_SUPPORTED))
+                continue
+            if isinstance(what, int):  # an NVLink total over the active links
+                value = gpu.nvlink_errors.get(what, 0) * len(self._links(h))
+            else:
+                value = {"ecc0": gpu.ecc[0], "ecc1": gpu.ecc[1], "energy": gpu.energy_mj,
+                         "pcie": gpu.pcie_replays}[what]  # fmt: skip
+            out.append(_field(value))
+        return out
 
     def nvmlDeviceGetNvLinkErrorCounter(self, h: Handle, link: int, counter: int) -> int:
         if link >= len(self._links(h)):

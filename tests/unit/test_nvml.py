@@ -240,7 +240,12 @@ async def test_nvml_metrics_in_prometheus_units(backend: NvmlBackend, machine: F
 async def test_nvml_metrics_unsupported_left_out_failed_counted(
     backend: NvmlBackend, machine: FakeMachine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    machine.unsupported = {"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetNvLinkState"}
+    # without the batched read (an older driver), each reading is a call of its own
+    machine.unsupported = {
+        "nvmlDeviceGetFieldValues",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetNvLinkState",
+    }
     machine.failing = {"nvmlDeviceGetPowerUsage"}
     before = _errors("nvmlDeviceGetPowerUsage")
     await backend.discover()
@@ -276,3 +281,32 @@ def _errors(function: str) -> float:
     return metrics.samples(metrics.render()[0].decode()).get(
         f'aiodp_nvml_errors_total{{function="{function}"}}', 0.0
     )
+
+
+async def test_nvml_metrics_batch_the_counters(
+    backend: NvmlBackend, machine: FakeMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ECC, energy, PCIe replays and the NVLink totals come from one nvmlDeviceGetFieldValues
+    per GPU, not a call each (and one per link for NVLink); a field the GPU lacks is absent."""
+    gpu = machine.gpus[0]
+    gpu.ecc, gpu.energy_mj, gpu.pcie_replays, gpu.nvlink_errors = (2, 1), 5000, 3, {0: 2}
+    machine.unsupported_fields = {94}  # no PCIe replay counter on this one
+    await backend.discover()
+    del machine.calls[:]
+    first = await backend.read_metrics()
+    await backend.read_metrics()
+    m = first[gpu.uuid]
+    assert (m.ecc_corrected, m.ecc_uncorrected, m.energy_joules) == (2, 1, 5)
+    assert m.pcie_replays is None
+    links = sum(gpu.nvlinks.values())
+    assert m.nvlink_errors == {"replay": 2 * links, "recovery": 0, "crc_flit": 0, "crc_data": 0}
+    assert machine.calls.count("nvmlDeviceGetFieldValues") == 2 * len(machine.gpus)
+    for one_by_one in (
+        "nvmlDeviceGetNvLinkErrorCounter",
+        "nvmlDeviceGetTotalEccErrors",
+        "nvmlDeviceGetPcieReplayCounter",
+        "nvmlDeviceGetTotalEnergyConsumption",
+    ):
+        assert one_by_one not in machine.calls
+    said = [r for r in caplog.records if "does not support pcie_replays" in r.getMessage()]
+    assert len(said) == len(machine.gpus)  # once per GPU
