@@ -59,6 +59,8 @@ class Status:
         self._heartbeat: Callable[[], float | None] = lambda: None
         self._reloads: list[str] = []
         self._kubelet: KubeletId | None = None
+        self._kubelet_since: float | None = None
+        self._kubelet_restarts = 0
         self._applied = -1
         self._accepted_at: list[float] = []
         self._started: list[str] = []
@@ -217,7 +219,14 @@ class Status:
             "started": _iso(self._started_at),
             "phase": self._phase,
             "ready": self.readiness() or "ok",
-            "kubelet": None if self._kubelet is None else {"inode": self._kubelet[0]},
+            "kubelet": None
+            if self._kubelet is None
+            else {
+                "socket": None if live is None else str(live.config.kubelet_socket),
+                "inode": self._kubelet[0],
+                "since": _iso(self._kubelet_since),
+                "restarts_seen": self._kubelet_restarts,
+            },
             "resources": [
                 {
                     "name": name,
@@ -283,6 +292,9 @@ class Status:
         """The kubelet accepted `resource`'s registration; counts a kubelet restart."""
         if self._kubelet is not None and kubelet != self._kubelet:
             metrics.observe_kubelet_restart()  # kubelet.sock is another file than last time
+            self._kubelet_restarts += 1
+        if kubelet != self._kubelet:
+            self._kubelet_since = time.time()
         self._kubelet = kubelet
         self._registrations += 1
         self._accepted_at.append(time.time())

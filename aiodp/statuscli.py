@@ -69,7 +69,15 @@ def _live(m: dict[str, Any]) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     """One screen: the plugin, its resources, every device, the settings not at default."""
-    lines = [f"aiodp {doc.get('version')} since {doc.get('started')}: {doc.get('ready')}", ""]
+    lines = [f"aiodp {doc.get('version')} since {doc.get('started')}: {doc.get('ready')}"]
+    k = doc.get("kubelet")
+    lines.append(
+        "kubelet: none registered with yet"
+        if not k
+        else f"kubelet: {k.get('socket')} (inode {k.get('inode')}) since {k.get('since')}; "
+        f"{k.get('restarts_seen', 0)} restart(s) seen"
+    )
+    lines.append("")
     lines.append(f"{'RESOURCE':<32} {'REGISTERED':<10} {'SINCE':<26} STREAMS")
     for r in doc.get("resources", []):
         lines.append(

@@ -194,6 +194,16 @@ async def test_observability_status_shows_the_node(plugin: Running) -> None:
     assert devices["0"]["numa"] == 0
     assert devices["0"]["nvlink_peers"] == {"1": 4, "2": 4, "3": 4, "4": 2}
     assert doc["config"]["metrics_address"]["source"] == "flag or env"
+    kubelet = doc["kubelet"]
+    assert kubelet["socket"] == str(plugin.config.kubelet_socket)
+    assert kubelet["restarts_seen"] == 0
+    assert kubelet["since"] is not None
     text = statuscli.table(doc)
     assert "XID 79 (simulated)" in text
     assert "nvidia.com/gpu" in text
+    assert f"kubelet: {plugin.config.kubelet_socket} (inode " in text
+
+    await plugin.k.restart()
+    await plugin.state.wait_for(lambda: plugin.state.registrations >= 2)
+    _, body = await status(plugin, "/status")
+    assert json.loads(body)["kubelet"]["restarts_seen"] == 1
