@@ -134,11 +134,13 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
     naming that pod: /metrics and /status show the right pod on the right GPU, the pod's GPU
     failing shows in aiodp_pod_unhealthy_devices, and the pod's series go when it ends."""
     node = {i: {"power_watts": 100 + i} for i in range(8)}
+    readings: asyncio.Queue[Mapping[str, GpuMetrics]] = asyncio.Queue()
     async with (
         FakePodResources(short_dir / "pod-resources" / "kubelet.sock") as kubelet_pods,
         running(
             short_dir,
             node=h100_node(metrics=node),
+            make_backend=watched(readings),
             metrics_address="127.0.0.1:0",
             device_metrics_interval=0.05,
         ) as rp,
@@ -167,16 +169,19 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
         assert "103W" in row
         assert row.endswith("ml/train-0/trainer")
 
-        write_atomically(rp.devices_file, h100_node({3: "XID 79 (simulated)"}, metrics=node))
+        hot = {**node, 3: {"power_watts": 350}}
+        write_atomically(rp.devices_file, h100_node({3: "XID 79 (simulated)"}, metrics=hot))
         await next_update(rp.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
+        await reading_where(readings, lambda r: r.get(_uuid(3), GpuMetrics()).power_watts == 350)
         got = await scrape(rp)
         assert got[f"aiodp_pod_unhealthy_devices{{{pod}}}"] == 1  # the page an operator needs
+        assert got[f"aiodp_gpu_power_watts{{{held}}}"] == 350  # values move with the file
 
         kubelet_pods.release("ml", "train-0")
         await kubelet_pods.answered()
         got = await scrape(rp)
         assert not any("train-0" in k for k in got)
-        assert got[f"aiodp_gpu_power_watts{{{gpu_labels(3)}}}"] == 103
+        assert got[f"aiodp_gpu_power_watts{{{gpu_labels(3)}}}"] == 350
         assert kubelet_pods.calls >= 4
 
 
