@@ -167,20 +167,11 @@ async def _node_label(config: Config) -> tuple[AsyncClient | None, str | None]:
 
 def _with_label(config: Config, label: str) -> Config:
     """The start-up config with the config the node's label names (ConfigError if none)."""
-    assert config.config_dir is not None
-    chosen = cfg.choose_config(
-        label, cfg.named_configs(config.config_dir), config.default_config,
-        config.fallback_strategies,
-    )  # fmt: skip
-    path = None if chosen is None else config.config_dir / chosen
+    path = cfg.labelled_config_path(config, label)
     if path == config.config_file:
         return config
-    file = None if path is None else cfg.load(path, limit=config.max_file_bytes)
-    sources = {**config.sources, "config_file": f"node label {config.node_label}"}
     log.info("node label %s=%s: config %s", config.node_label, label, path)
-    return cfg.build(
-        {**config.overrides, "config_file": path}, file, command=config.command, sources=sources
-    )
+    return cfg.with_labelled_config(config, path)
 
 
 async def _wait_stop(stop: asyncio.Event) -> NoReturn:

@@ -652,6 +652,27 @@ def named_configs(config_dir: Path) -> list[str]:
     return [n for n in names if not n.startswith(".")]
 
 
+def labelled_config_path(running: Config, label: str | None) -> Path | None:
+    """The file in `running.config_dir` that the node's label names, by NVIDIA's default and
+    fallbacks (ConfigError when none fits); reads the directory."""
+    assert running.config_dir is not None
+    chosen = choose_config(
+        label, named_configs(running.config_dir), running.default_config,
+        running.fallback_strategies,
+    )  # fmt: skip
+    return None if chosen is None else running.config_dir / chosen
+
+
+def with_labelled_config(running: Config, path: Path | None) -> Config:
+    """The running flags and environment over the config file a node label chose (read,
+    bounded); used at start and on every relabel."""
+    file = None if path is None else load(path, limit=running.max_file_bytes)
+    sources = {**running.sources, "config_file": f"node label {running.node_label}"}
+    return build(
+        {**running.overrides, "config_file": path}, file, command=running.command, sources=sources
+    )
+
+
 def choose_config(
     label: str | None, names: Sequence[str], default: str, fallbacks: Sequence[str]
 ) -> str | None:

@@ -198,23 +198,8 @@ class Reloader:
         if config_dir is None:
             return
         try:
-            names = await asyncio.to_thread(cfg.named_configs, config_dir)
-            chosen = cfg.choose_config(
-                label, names, running.default_config, running.fallback_strategies
-            )
-            path = None if chosen is None else config_dir / chosen
-            file = None
-            if path is not None:
-                file = await asyncio.to_thread(
-                    functools.partial(cfg.load, path, limit=running.max_file_bytes)
-                )
-            sources = {**running.sources, "config_file": f"node label {running.node_label}"}
-            new = cfg.build(
-                {**running.overrides, "config_file": path},
-                file,
-                command=running.command,
-                sources=sources,
-            )
+            path = await asyncio.to_thread(cfg.labelled_config_path, running, label)
+            new = await asyncio.to_thread(cfg.with_labelled_config, running, path)
             applied = await self.apply(new, rediscover=False)
         except ConfigError as e:
             log.warning("node config switch refused, keeping the running config: %s", e)
