@@ -353,12 +353,16 @@ class NvmlBackend:
             return fn(*args)
         except self.n.NVMLError as e:
             if e.value == NOT_SUPPORTED:
-                if (uuid, what) not in self._unsupported:
-                    self._unsupported.add((uuid, what))
-                    log.info("GPU %s does not support %s: that metric is left out", uuid, what)
+                self._not_supported(uuid, what)
             else:
                 metrics.observe_nvml_error(name)
             return None
+
+    def _not_supported(self, uuid: str, what: str) -> None:
+        """A reading the device lacks: said once per device and reading, then left out."""
+        if (uuid, what) not in self._unsupported:
+            self._unsupported.add((uuid, what))
+            log.info("GPU %s does not support %s: that metric is left out", uuid, what)
 
     def _fields(self, uuid: str, h: Any) -> dict[str, float | None] | None:
         """FIELDS in one call; None when the call itself is unavailable (older driver or
@@ -379,9 +383,7 @@ class NvmlBackend:
                 continue
             out[name] = None
             if v.nvmlReturn == NOT_SUPPORTED:
-                if (uuid, name) not in self._unsupported:
-                    self._unsupported.add((uuid, name))
-                    log.info("GPU %s does not support %s: that metric is left out", uuid, name)
+                self._not_supported(uuid, name)
             else:
                 metrics.observe_nvml_error(f"nvmlDeviceGetFieldValues:{name}")
         return out
