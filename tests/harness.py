@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiodp import app
+from aiodp import app, metrics
 from aiodp import config as cfg
 from aiodp.backend import DeviceBackend
 from aiodp.config import Config
 from aiodp.fakekubelet import FakeKubelet
 from aiodp.status import Status
-from aiodp.testbed import h100_node, next_update, write_atomically
+from aiodp.testbed import h100_node, http_get, next_update, write_atomically
 
-__all__ = ["Running", "h100_node", "next_update", "running", "write_atomically"]
+__all__ = ["Running", "h100_node", "next_update", "running", "scrape", "write_atomically"]
 
 
 @dataclass
@@ -34,6 +34,17 @@ class Running:
     def k(self) -> FakeKubelet:
         assert self.kubelet is not None
         return self.kubelet
+
+    @property
+    def address(self) -> str:
+        """The metrics server's HOST:PORT (the plugin runs with a metrics address)."""
+        assert self.state.endpoint is not None
+        return self.state.endpoint.address
+
+
+async def scrape(rp: Running) -> dict[str, float]:
+    """/metrics, parsed by prometheus_client's own parser (metrics.samples)."""
+    return metrics.samples(await http_get(rp.address, "/metrics"))
 
 
 @contextlib.asynccontextmanager

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from aiodp import metrics, podresources, statuscli
+from aiodp import podresources, statuscli
 from aiodp.backend import DeviceBackend, GpuMetrics
 from aiodp.config import Config
 from aiodp.fakepodresources import FakePodResources
 from aiodp.simulated import SimulatedBackend
 from aiodp.testbed import http_get
-from tests.harness import Running, h100_node, next_update, running, write_atomically
+from tests.harness import h100_node, next_update, running, scrape, write_atomically
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +55,6 @@ def watched(readings: asyncio.Queue[Mapping[str, GpuMetrics]]) -> Callable[[Conf
         return Watched(config.simulated_devices, readings)
 
     return make
-
-
-async def scrape(rp: Running) -> dict[str, float]:
-    assert rp.state.endpoint is not None
-    return metrics.samples(await http_get(rp.state.endpoint.address, "/metrics"))
 
 
 async def reading_where(
@@ -159,7 +154,7 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
         assert got[f"aiodp_pod_devices{{{pod}}}"] == 1
         assert got[f"aiodp_pod_unhealthy_devices{{{pod}}}"] == 0
         assert not any("fpga" in k for k in got)
-        doc = json.loads(await http_get(_address(rp), "/status"))
+        doc = json.loads(await http_get(rp.address, "/status"))
         pods = {d["id"]: d["pod"] for d in doc["devices"]}
         assert pods[gpu] == "ml/train-0/trainer"
         assert sum(1 for p in pods.values() if p) == 1
@@ -183,11 +178,6 @@ async def test_gpu_metrics_name_the_pod_on_each_gpu(short_dir: Path) -> None:
         assert not any("train-0" in k for k in got)
         assert got[f"aiodp_gpu_power_watts{{{gpu_labels(3)}}}"] == 350
         assert kubelet_pods.calls >= 4
-
-
-def _address(rp: Running) -> str:
-    assert rp.state.endpoint is not None
-    return rp.state.endpoint.address
 
 
 @pytest.mark.timeout(20)

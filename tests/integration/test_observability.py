@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from grpclib import GRPCError
 
-from aiodp import metrics, probes, statuscli
+from aiodp import probes, statuscli
 from aiodp.config import RESOURCE_GPU
 from aiodp.fakekubelet import FakeKubelet
-from aiodp.testbed import http_get
-from tests.harness import Running, h100_node, next_update, running, write_atomically
+from tests.harness import Running, h100_node, next_update, running, scrape, write_atomically
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +27,6 @@ async def raw(address: str, data: bytes) -> bytes:
     writer.close()
     await writer.wait_closed()
     return answer
-
-
-async def scrape(rp: Running) -> dict[str, float]:
-    """/metrics, parsed by prometheus_client's own parser (metrics.samples)."""
-    assert rp.state.endpoint is not None
-    return metrics.samples(await http_get(rp.state.endpoint.address, "/metrics"))
 
 
 async def status(rp: Running, path: str) -> tuple[int, str]:
