@@ -24,7 +24,7 @@ import pytest
 from aiodp import metrics
 from tests.e2e.conftest import report
 from tests.e2e.peer import DeviceManager, device_manager
-from tests.harness import h100_node, running, write_atomically
+from tests.harness import Running, h100_node, running, write_atomically
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -208,6 +208,23 @@ async def test_e2e_driver_is_the_real_device_manager(version: str, short_dir: Pa
         assert capacity["capacity"] == {}
 
 
+async def restart_with_prebind(dm: DeviceManager, rp: Running, ms: int, mode: str) -> None:
+    """Restart the kubelet with kubelet.sock bound `ms` before it serves (`refuse` or `hang`),
+    and wait until the plugin registered with the new one.
+
+    The kubelet counts our devices before our Register's answer is in: the first
+    registration is awaited before the restart, which would otherwise make it moot (and
+    rightly not counted). Every wait is bounded."""
+    await dm.wait(GPU, 8, 8)
+    async with asyncio.timeout(30):
+        await rp.state.wait_for(lambda: rp.state.registrations >= 1)
+    await dm.call("stop")
+    await dm.call("start", prebind_ms=ms, prebind_mode=mode)
+    await dm.wait(GPU, 8, 8)
+    async with asyncio.timeout(30):
+        await rp.state.wait_for(lambda: rp.state.registrations >= 2)
+
+
 async def test_e2e_kubelet_sock_before_listen(
     version: str, short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -216,16 +233,7 @@ async def test_e2e_kubelet_sock_before_listen(
     then registers with the kubelet that starts, without the 0.5 s backoff."""
     caplog.set_level(logging.DEBUG, logger="aiodp.registration")
     async with device_manager(version, plugins(short_dir)) as dm, plugin(short_dir) as rp:
-        await dm.wait(GPU, 8, 8)
-        # the kubelet counts our devices before our Register's answer is in: wait for it, or
-        # the restart below makes that registration moot and it is (rightly) not counted
-        async with asyncio.timeout(30):
-            await rp.state.wait_for(lambda: rp.state.registrations >= 1)
-        await dm.call("stop")
-        await dm.call("start", prebind_ms=40, prebind_mode="refuse")
-        await dm.wait(GPU, 8, 8)
-        async with asyncio.timeout(30):
-            await rp.state.wait_for(lambda: rp.state.registrations >= 2)
+        await restart_with_prebind(dm, rp, 40, "refuse")
     messages = [r.getMessage() for r in caplog.records]
     assert "kubelet.sock refused the connection; again in 10 ms" in messages
     assert [m for m in messages if "retrying in" in m] == []
@@ -241,11 +249,4 @@ async def test_e2e_kubelet_that_never_answers_is_abandoned(
         device_manager(version, plugins(short_dir)) as dm,
         plugin(short_dir, register_timeout=120.0) as rp,
     ):
-        await dm.wait(GPU, 8, 8)
-        async with asyncio.timeout(30):  # our first Register's answer is in (see above)
-            await rp.state.wait_for(lambda: rp.state.registrations >= 1)
-        await dm.call("stop")
-        await dm.call("start", prebind_ms=200, prebind_mode="hang")
-        await dm.wait(GPU, 8, 8)
-        async with asyncio.timeout(30):
-            await rp.state.wait_for(lambda: rp.state.registrations >= 2)
+        await restart_with_prebind(dm, rp, 200, "hang")
