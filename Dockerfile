@@ -1,10 +1,28 @@
-# aiodp container image. Multi-stage: wheels are built in the first stage, the runtime stage
-# holds only the installed package. BASE_IMAGE must provide python3 with the venv module.
-# Offline builds: `make wheels-image` fills wheelhouse/ and PIP_NO_INDEX=1 keeps pip off the
-# network (see `make image-test`).
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+# aiodp container image, amd64 and arm64 (Grace Hopper / Grace Blackwell nodes are aarch64).
+# The base is Debian bookworm-slim pinned by digest (a multi-arch index) with Debian's own
+# Python 3.11; `make image-test` builds this same file on a debootstrap'd bookworm minbase,
+# which is what Docker's debian:bookworm-slim is made from.
+# Stages: `python` = base + Debian's python3; `build` makes the venv from wheelhouse/
+# (`make wheels-image` fills it; PIP_NO_INDEX=1 keeps pip off the network); the runtime stage
+# is `python` plus the venv, with no pip, no compiler, no apt lists.
+# Digest of debian:bookworm-slim as a BuildKit build resolved it in September 2026 (not
+# re-resolved here: this machine reaches no registry). Renovate or `docker buildx imagetools
+# inspect debian:bookworm-slim` gives a newer one.
+ARG DEBIAN_IMAGE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 
-FROM ${BASE_IMAGE} AS build
+FROM ${DEBIAN_IMAGE} AS python
+# Debian's python3 within bookworm: the digest above pins the base, the security archive
+# moves python3.11's patch level, so the package is not version-pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb /var/log/apt /var/log/dpkg.log
+
+FROM python AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/*
 ARG PIP_NO_INDEX=""
 ENV PIP_NO_INDEX=${PIP_NO_INDEX} \
     PIP_FIND_LINKS=/src/wheelhouse \
@@ -13,7 +31,10 @@ ENV PIP_NO_INDEX=${PIP_NO_INDEX} \
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY aiodp ./aiodp
+# wheelhouse/ comes from `make wheels-image`; a clone without it stops here with that advice
 COPY wheelhouse ./wheelhouse
+RUN ls wheelhouse/*.whl >/dev/null 2>&1 \
+    || { echo "wheelhouse/ has no wheels: run 'make wheels-image' (or 'make image') first" >&2; exit 1; }
 # The runtime gets the package and its dependencies only: no pip, setuptools or
 # pkg_resources (scanners flag them), no activate scripts, no grpclib protoc plugins, no
 # nvidia-ml-py example; bytecode compiled here (unchecked hashes: valid on a read-only root,
@@ -29,7 +50,7 @@ RUN /opt/aiodp/bin/pip uninstall --yes pip \
     && find /opt/aiodp -name '__pycache__' -prune -exec rm -rf {} + \
     && /opt/aiodp/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/aiodp/lib
 
-FROM ${BASE_IMAGE}
+FROM python
 ARG VERSION=0.1.0
 ARG COMMIT=unknown
 ARG CREATED=unknown
@@ -39,7 +60,8 @@ LABEL org.opencontainers.image.title="aiodp" \
       org.opencontainers.image.description="asyncio-native Kubernetes device plugin for NVIDIA GPUs" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/aiodp/aiodp"
+      org.opencontainers.image.source="https://github.com/aiodp/aiodp" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 COPY --from=build /opt/aiodp /opt/aiodp
 COPY LICENSE /usr/share/doc/aiodp/LICENSE
 ENV AIODP_COMMIT=${COMMIT} \

@@ -92,12 +92,15 @@ wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into
 		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
 		wheelhouse/aiodp-*.whl pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 looptime==0.9
 
-wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11, x86-64) into wheelhouse/
+wheels-image: $(STAMP) ## download what the image build installs (CPython 3.11; x86-64 and aarch64) into wheelhouse/
 	mkdir -p wheelhouse && rm -f wheelhouse/*.whl
-	$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
-		--python-version 3.11 --abi cp311 --platform manylinux_2_17_x86_64 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-		'setuptools>=77' -r <($(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))')
+	for arch in x86_64 aarch64; do \
+		$(BIN)/pip download --quiet -d wheelhouse --only-binary=:all: --implementation cp \
+			--python-version 3.11 --abi cp311 --platform manylinux_2_17_$$arch \
+			--platform manylinux2014_$$arch --platform manylinux_2_28_$$arch --platform any \
+			'setuptools>=77' -r <($(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))') \
+			|| exit 1; \
+	done
 
 gpu-check: ## on a machine with an NVIDIA GPU: tests/gpu + a real-NVML smoke run (from wheelhouse/)
 	bash scripts/gpu-check.sh
