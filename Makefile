@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed-run
 PROTO  := protos/deviceplugin/v1beta1/api.proto
 PODRES_PROTO := protos/podresources/v1/api.proto
+DRA_PROTOS := protos/pluginregistration/v1/api.proto protos/dra/v1/api.proto protos/dra/v1beta1/api.proto \
+	protos/dra-health/v1alpha1/api.proto protos/dra-health/v1/api.proto
 PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
@@ -69,17 +71,20 @@ lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
 typecheck: $(STAMP) ## mypy: strict on aiodp/, untyped defs allowed but checked in tests/, bench/, scripts/
 	$(BIN)/mypy
 
-proto: $(STAMP) ## regenerate aiodp/api/ and aiodp/podresapi/ from protos/ with betterproto2
+proto: $(STAMP) ## regenerate aiodp/api/, aiodp/podresapi/ and aiodp/draapi/ from protos/ with betterproto2
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/api $(PROTO)
-	mkdir -p aiodp/podresapi
+	mkdir -p aiodp/podresapi aiodp/draapi
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/podresapi $(PODRES_PROTO)
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/draapi $(DRA_PROTOS)
 
-proto-check: $(STAMP) ## fail when aiodp/api/ or aiodp/podresapi/ differs from what protos/ generates
-	@tmp=$$(mktemp -d) && mkdir $$tmp/api $$tmp/podresapi && \
+proto-check: $(STAMP) ## fail when aiodp/api/, aiodp/podresapi/ or aiodp/draapi/ differs from what protos/ generates
+	@tmp=$$(mktemp -d) && mkdir $$tmp/api $$tmp/podresapi $$tmp/draapi && \
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/api $(PROTO) >/dev/null && \
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/podresapi $(PODRES_PROTO) >/dev/null && \
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/draapi $(DRA_PROTOS) >/dev/null && \
 	diff -r -x __pycache__ $$tmp/api aiodp/api && diff -r -x __pycache__ $$tmp/podresapi aiodp/podresapi && \
-	echo "proto-check: aiodp/api and aiodp/podresapi are up to date"; \
+	diff -r -x __pycache__ $$tmp/draapi aiodp/draapi && \
+	echo "proto-check: aiodp/api, aiodp/podresapi and aiodp/draapi are up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
 bench: $(STAMP) ## tables: preferred allocation, Allocate vs the transport floor, /metrics cost, 1,024 replicas

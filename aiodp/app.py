@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiodp
 from aiodp import config as cfg
 from aiodp import (
+    dra,
     generations,
     health,
     metrics,
@@ -361,6 +362,23 @@ def _node_signals(
     return [("node-signals", nodesignals.run(signals, registry))]
 
 
+def _dra(
+    config: Config,
+    api: AsyncClient | None,
+    holder: reload.Holder,
+    registry: DeviceRegistry,
+    status: Status,
+    stack: contextlib.AsyncExitStack,
+) -> Coroutine[Any, Any, NoReturn]:
+    """The DRA driver's task, with its own API client where the node-label one is absent."""
+    if api is None and config.node_name:
+        api = nodeconfig.client(config, without="no ResourceSlices are published")
+        if api is not None:
+            stack.push_async_callback(api.close)
+    status.dra_serving(config.dra_driver_name)
+    return dra.run_dra(holder, registry, api, asyncio.Event(), status)
+
+
 async def _serve(
     config: Config, given: DeviceBackend | None, status: Status, hup: asyncio.Event
 ) -> NoReturn:
@@ -431,6 +449,8 @@ async def _serve(
         if api is not None:
             watch_label = nodeconfig.run_label_watch(api, config, label, reloader.select_config)
             tasks.append(("node-label-watch", watch_label))
+        if config.dra:
+            tasks.append(("dra", _dra(config, api, holder, registry, status, stack)))
         async with asyncio.TaskGroup() as tg:
             for name, coro in tasks:
                 status.eternal_task(tg.create_task(coro, name=name))

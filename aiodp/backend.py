@@ -82,6 +82,16 @@ class DeviceInfo:
     health: Health = Health.HEALTHY
     reason: str = ""
     """A backend that knows health at discovery (the simulated file) says so here."""
+    brand: str = ""
+    """NVML's brand (`Nvidia`, `Tesla`, ...); empty when unknown. This and the next four
+    are what DRA publishes about the GPU (ResourceSlice attributes)."""
+    architecture: str = ""
+    """`Hopper`, `Blackwell`, ...; empty when unknown."""
+    cuda_compute_capability: str = ""
+    """`9.0`; empty when unknown."""
+    driver_version: str = ""
+    cuda_driver_version: str = ""
+    """The CUDA version the driver supports, `12.9`; empty when unknown."""
 
 
 CLOCK_EVENTS: Final = metrics.CLOCK_EVENT_LABELS

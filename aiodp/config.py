@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
 MigStrategy = Literal["none", "single", "mixed"]
 AllocationPolicy = Literal["distributed", "packed"]
+DraSelector = Literal["none", "all"] | tuple[str, ...]
+"""Which GPUs DRA serves: none, all, or these GPU indexes and UUIDs."""
 
 LIST_STRATEGIES: Final[tuple[ListStrategy, ...]] = (
     "envvar",
@@ -203,6 +206,21 @@ class Config:
     """Seconds one API read may take at start before the default config is used."""
     output: Literal["table", "json", "yaml"] = dataclasses.field(default="table", compare=False)
     """How `aiodp status` prints."""
+    dra: bool = False
+    """Also serve the kubelet's Dynamic Resource Allocation API (a DRA kubelet plugin with
+    ResourceSlices) from this process, for the GPUs `dra_devices` selects."""
+    dra_devices: DraSelector = "none"
+    """Which GPUs DRA serves instead of the device plugin: none, all, or GPU indexes and
+    UUIDs (the config file's `dra.devices`, applied live). A GPU is never on both APIs."""
+    dra_driver_name: str = "gpu.aiodp.io"
+    """The DRA driver name (ResourceSlices, DeviceClass, CDI kind); NVIDIA's DRA driver is
+    gpu.nvidia.com: two drivers must never publish the same GPUs."""
+    dra_registry_dir: Path = Path("/var/lib/kubelet/plugins_registry")
+    """The kubelet's plugin-watcher directory: our `<driver>-reg.sock` goes there."""
+    dra_plugins_dir: Path = Path("/var/lib/kubelet/plugins")
+    """Our DRA socket and claim checkpoint live in `<dir>/<driver>/`."""
+    dra_cdi_dir: Path = Path("/var/run/cdi")
+    """Where one transient CDI spec per prepared claim is written (and removed)."""
     cdi_spec_dirs: tuple[Path, ...] = (Path("/etc/cdi"), Path("/var/run/cdi"))
     """Where the node's CDI specs are; with a CDI strategy every name we hand out must be
     defined there (else /readyz is 503 and one line says how to create the spec)."""
@@ -233,6 +251,21 @@ class Config:
     @property
     def dev_root(self) -> Path:
         return self.nvidia_dev_root if self.nvidia_dev_root is not None else self.nvidia_driver_root
+
+    @property
+    def dra_socket(self) -> Path:
+        """Our DRA service socket, the endpoint GetInfo names."""
+        return self.dra_plugins_dir / self.dra_driver_name / "dra.sock"
+
+    @property
+    def dra_registration_socket(self) -> Path:
+        """Where the kubelet's plugin watcher finds us."""
+        return self.dra_registry_dir / f"{self.dra_driver_name}-reg.sock"
+
+    @property
+    def dra_checkpoint(self) -> Path:
+        """The prepared claims, so that an unprepare after a restart still cleans up."""
+        return self.dra_plugins_dir / self.dra_driver_name / "claims.json"
 
     MAX_SOCKET_PATH: ClassVar[int] = 107
     """Bytes in an AF_UNIX path (sun_path is 108 with the NUL)."""
@@ -380,6 +413,17 @@ def _parser() -> _Parser:
         help="seconds between GPU counter readings for /metrics, 0 = off "
         "(AIODP_DEVICE_METRICS_INTERVAL) [10]",
     )
+    add("--dra", nargs="?", const="true",
+        help="also serve DRA: ResourceSlices, claims (AIODP_DRA) [false]")  # fmt: skip
+    add("--dra-devices", help="GPUs served by DRA, not the device plugin: none, all or "
+        "indexes/UUIDs (AIODP_DRA_DEVICES; file: dra.devices) [none]")  # fmt: skip
+    add("--dra-driver-name", help="DRA driver name (AIODP_DRA_DRIVER_NAME) [gpu.aiodp.io]")
+    add("--dra-registry-dir", help="kubelet plugin registry (AIODP_DRA_REGISTRY_DIR) "
+        "[/var/lib/kubelet/plugins_registry]")  # fmt: skip
+    add("--dra-plugins-dir", help="where <driver>/dra.sock goes (AIODP_DRA_PLUGINS_DIR) "
+        "[/var/lib/kubelet/plugins]")  # fmt: skip
+    add("--dra-cdi-dir", help="where claim CDI specs are written (AIODP_DRA_CDI_DIR) "
+        "[/var/run/cdi]")  # fmt: skip
     add(
         "--shutdown-timeout",
         help="seconds to close streams, servers and the backend at exit "
@@ -431,6 +475,12 @@ _ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "default_config": "DEFAULT_CONFIG",
     "fallback_strategies": "FALLBACK_STRATEGIES",
     "kubeconfig": "AIODP_KUBECONFIG",
+    "dra": "AIODP_DRA",
+    "dra_devices": "AIODP_DRA_DEVICES",
+    "dra_driver_name": "AIODP_DRA_DRIVER_NAME",
+    "dra_registry_dir": "AIODP_DRA_REGISTRY_DIR",
+    "dra_plugins_dir": "AIODP_DRA_PLUGINS_DIR",
+    "dra_cdi_dir": "AIODP_DRA_CDI_DIR",
 }
 
 
@@ -596,6 +646,45 @@ def _cdi_kind(value: object) -> str:
     return v
 
 
+_DNS_SUBDOMAIN: Final = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+
+
+def _driver_name(value: object) -> str:
+    v = _nonempty(value)
+    if len(v) > 63 or not _DNS_SUBDOMAIN.match(v) or "." not in v:
+        raise ValueError("must be a DNS subdomain of at most 63 characters, e.g. gpu.aiodp.io")
+    return v
+
+
+MAX_DRA_SELECTORS: Final = 1024
+
+
+def _dra_devices(value: object) -> DraSelector:
+    """none, all, or GPU indexes / UUIDs (a comma list, or a YAML list in the file)."""
+    items: list[object]
+    if isinstance(value, str):
+        if value.strip() in ("none", "all"):
+            return cast(DraSelector, value.strip())
+        items = [w for w in value.split(",") if w.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError("must be none, all, or a list of GPU indexes or UUIDs")
+    if not items or len(items) > MAX_DRA_SELECTORS:
+        raise ValueError(f"must list 1 to {MAX_DRA_SELECTORS} GPUs (or say none or all)")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise ValueError(f"{cut(item)} is not a GPU index or UUID")
+        text = str(item).strip()
+        if not text or len(text) > 128:
+            raise ValueError(f"{cut(item)} is not a GPU index or UUID")
+        out.append(text)
+    return tuple(dict.fromkeys(out))
+
+
 _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "config_file": _path,
     "mig_strategy": _choice(("none", "single", "mixed")),
@@ -639,6 +728,12 @@ _PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "default_config": _text,
     "fallback_strategies": _fallbacks,
     "kubeconfig": _path,
+    "dra": parse_bool,
+    "dra_devices": _dra_devices,
+    "dra_driver_name": _driver_name,
+    "dra_registry_dir": _path,
+    "dra_plugins_dir": _path,
+    "dra_cdi_dir": _path,
 }
 
 
@@ -862,6 +957,13 @@ def validate(config: Config) -> Config:
             f"--kubelet-socket: invalid value {cut(str(config.kubelet_socket))}: "
             "the directory is too long for a unix socket path (107 bytes)"
         )
+    for sock, what in ((config.dra_socket, "--dra-plugins-dir"),
+                       (config.dra_registration_socket, "--dra-registry-dir")):  # fmt: skip
+        if config.dra and len(str(sock)) > config.MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"{what}: invalid value {cut(str(sock.parent))}: {sock} is longer than "
+                f"{config.MAX_SOCKET_PATH} bytes, the limit of a unix socket path"
+            )
     if config.sharing is not None and config.sharing.method == "mps":
         if config.mps_root is None:
             raise ConfigError("sharing.mps: needs flags.mpsRoot (--mps-root, MPS_ROOT)")

@@ -261,7 +261,7 @@ def parse(text: str) -> ConfigFile:
             "invalid YAML or JSON: " + cut_text(str(e).replace("\n", " "), 300)
         ) from None
     doc = _mapping("(top level)", doc)
-    _check_keys("", doc, {"version", "flags", "resources", "sharing", "imex"})
+    _check_keys("", doc, {"version", "flags", "resources", "sharing", "imex", "dra"})
     version = doc.get("version", "v1")
     if version not in ("v1", "", None):
         raise _fail("version", f"must be v1, got {cut(version)}")
@@ -297,6 +297,10 @@ def parse(text: str) -> ConfigFile:
         flags["imex_channel_ids"] = ("imex.channelIDs", channels)
     if imex.get("required") is not None:
         flags["imex_required"] = ("imex.required", imex["required"])
+    dra = _mapping("dra", doc.get("dra"))  # aiodp's own key: which GPUs DRA serves
+    _check_keys("dra", dra, {"devices"})
+    if dra.get("devices") is not None:
+        flags["dra_devices"] = ("dra.devices", dra["devices"])
     return ConfigFile(
         flags=flags,
         sharing=ts or mps,

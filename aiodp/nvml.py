@@ -16,10 +16,10 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, TypedDict, cast
 
 import aiofiles
 import pynvml
@@ -90,6 +90,19 @@ PCIE_RELATION: Final[Mapping[int, str]] = {
 
 def _str(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Identity(TypedDict, total=False):
+    brand: str
+    architecture: str
+    cuda_compute_capability: str
+    driver_version: str
+    cuda_driver_version: str
+
+
+def _cuda_version(value: int) -> str:
+    """NVML's CUDA driver version integer (12090) as `12.9`."""
+    return f"{value // 1000}.{value % 1000 // 10}"
 
 
 def sysfs_bdf(bus_id: str) -> str:
@@ -200,6 +213,33 @@ class NvmlBackend:
             return None
         return value if value >= 0 else None
 
+    def _identity(self, h: Any) -> _Identity:
+        """Brand, architecture, compute capability and driver versions (what DRA publishes);
+        one the driver cannot answer is left out, never an error."""
+        n = self.n
+        out: dict[str, str] = {}
+
+        def named(prefix: str, value: int) -> str:
+            names = [k for k in dir(n) if k.startswith(prefix) and getattr(n, k) == value]
+            word = min(names, key=len)[len(prefix) :] if names else ""
+            return "" if word in ("", "UNKNOWN", "COUNT") else word.replace("_", " ").title()
+
+        reads: dict[str, Callable[[], str]] = {
+            "brand": lambda: named("NVML_BRAND_", int(n.nvmlDeviceGetBrand(h))),
+            "architecture": lambda: named("NVML_DEVICE_ARCH_", int(n.nvmlDeviceGetArchitecture(h))),
+            "cuda_compute_capability": lambda: "{}.{}".format(
+                *n.nvmlDeviceGetCudaComputeCapability(h)
+            ),
+            "driver_version": lambda: _str(n.nvmlSystemGetDriverVersion()),
+            "cuda_driver_version": lambda: _cuda_version(int(n.nvmlSystemGetCudaDriverVersion())),
+        }
+        for key, read in reads.items():
+            try:
+                out[key] = read()
+            except (n.NVMLError, AttributeError, TypeError, ValueError):
+                continue  # an older driver or binding: the attribute is not published
+        return cast(_Identity, out)
+
     def _discover_sync(
         self,
     ) -> tuple[list[DeviceInfo], dict[frozenset[str], int], dict[frozenset[str], str]]:
@@ -223,6 +263,7 @@ class NvmlBackend:
                     paths=(f"/dev/nvidia{minor}",),
                     mig_enabled=migs is not None,
                     mig_devices=tuple(migs or ()),
+                    **self._identity(h),
                 )
             )
             handles.append((uuid, h, bus_id))

@@ -41,6 +41,8 @@ class Live:
     """The configured IMEX channels whose device nodes exist under the live dev root."""
     cdi_missing: tuple[str, ...] = ()
     """CDI names Allocate hands out that no spec in --cdi-spec-dirs defines (CDI only)."""
+    gpus: tuple[DeviceInfo, ...] = ()
+    """The GPUs as discovered (what DRA publishes about each)."""
     version: int = 0
 
     def resource(self, name: str) -> Resource | None:
@@ -79,7 +81,7 @@ async def discover(be: DeviceBackend, config: Config) -> tuple[Sequence[DeviceIn
     plan = sharing.plan(infos, config)
     control, imex = await device_nodes(config)
     missing = await cdi_missing(config, plan, imex)
-    return infos, Live(config, plan, await be.topology(), control, imex, missing)
+    return infos, Live(config, plan, await be.topology(), control, imex, missing, tuple(infos))
 
 
 async def cdi_missing(config: Config, plan: sharing.Plan, imex: Sequence[int]) -> tuple[str, ...]:
@@ -90,7 +92,8 @@ async def cdi_missing(config: Config, plan: sharing.Plan, imex: Sequence[int]) -
     defined = await asyncio.to_thread(
         cdi.defined_names, config.cdi_spec_dirs, config.max_file_bytes
     )
-    missing = tuple(sorted(cdi.expected_names(plan.devices, config, imex) - defined))
+    served = [d for d in plan.devices if not sharing.is_dra(d.resource)]
+    missing = tuple(sorted(cdi.expected_names(served, config, imex) - defined))
     if missing:
         log.warning(
             "CDI device(s) %s are not defined by any spec in %s: containers asking for them "
@@ -184,7 +187,7 @@ class Reloader:
             else d
             for d in plan.devices
         ]
-        self.holder.install(Live(config, plan, topo, control, imex, missing))
+        self.holder.install(Live(config, plan, topo, control, imex, missing, tuple(self._infos)))
         self.registry.replace(devices)
         self.tracker.reapply()
         log.info("serving %s", describe(plan))
@@ -226,6 +229,9 @@ class Reloader:
 def describe(plan: sharing.Plan) -> str:
     """`nvidia.com/gpu (8), ...`: each resource with its device count."""
     counts = [(r.name, sum(d.resource == r.name for d in plan.devices)) for r in plan.resources]
+    dra = plan.dra_devices()
+    if dra:
+        counts.append((dra[0].resource, len(dra)))
     return ", ".join(f"{name} ({n})" for name, n in counts) or "no resources"
 
 

@@ -7,18 +7,19 @@ with its names and refusals), resource-name patterns, and time-slicing or MPS re
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from aiodp.backend import DeviceInfo, MigInfo
 from aiodp.config import RESOURCE_GPU, Config
 from aiodp.configfile import NamePattern, SharedResource
 from aiodp.devices import Device, DeviceId, Kind, Resource, Uuid
-from aiodp.errors import ConfigError
+from aiodp.errors import ConfigError, brief
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,40 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Plan:
     resources: tuple[Resource, ...]
+    """The device plugin's resources: one plugin (socket, registration) each."""
     devices: tuple[Device, ...]
+    """Every device: the resources' devices, and the DRA driver's (`dra_resource`)."""
+
+    def dra_devices(self) -> tuple[Device, ...]:
+        """The GPUs and MIG devices DRA serves (never also a device plugin's)."""
+        return tuple(d for d in self.devices if is_dra(d.resource))
+
+
+DRA_PREFIX: Final = "dra:"
+
+
+def dra_resource(driver: str) -> str:
+    """The registry's name for the devices a DRA driver serves, e.g. `dra:gpu.aiodp.io`: no
+    extended resource name has a colon, so no device plugin ever serves it."""
+    return DRA_PREFIX + driver
+
+
+def is_dra(resource: str) -> bool:
+    return resource.startswith(DRA_PREFIX)
+
+
+def _dra_gpus(infos: Sequence[DeviceInfo], config: Config) -> set[str]:
+    """The UUIDs of the GPUs that `dra_devices` hands to DRA (none while DRA is off)."""
+    sel = config.dra_devices
+    if not config.dra or sel == "none":
+        return set()
+    if sel == "all":
+        return {g.uuid for g in infos}
+    wanted = set(sel)
+    missing = wanted - {str(g.index) for g in infos} - {g.uuid for g in infos}
+    if missing:
+        log.warning("dra.devices: GPU(s) %s are not on this node", brief(sorted(missing)))
+    return {g.uuid for g in infos if str(g.index) in wanted or g.uuid in wanted}
 
 
 def _named(patterns: Sequence[NamePattern], subject: str, default: str) -> str:
@@ -142,7 +176,14 @@ def _selected(entry: SharedResource, candidates: Sequence[Device]) -> set[Device
 
 def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
     """Resources and their devices; raises ConfigError for NVIDIA's MIG and MPS refusals."""
-    base = _whole_or_mig(infos, config)
+    dra_gpus = _dra_gpus(infos, config)
+    everything = _whole_or_mig(infos, config)
+    dra = [
+        dataclasses.replace(d, resource=dra_resource(config.dra_driver_name))
+        for d in everything
+        if d.gpu in dra_gpus
+    ]
+    base = [d for d in everything if d.gpu not in dra_gpus]
     sharing = config.sharing
     shared: dict[DeviceId, tuple[SharedResource, str]] = {}
     if sharing is not None:
@@ -183,4 +224,4 @@ def plan(infos: Sequence[DeviceInfo], config: Config) -> Plan:
                 f"resource {name}: socket path {config.socket_path(name)} is longer than "
                 f"{config.MAX_SOCKET_PATH} bytes; use a shorter --kubelet-socket directory"
             )
-    return Plan(tuple(sorted(resources.values(), key=lambda r: r.name)), tuple(devices))
+    return Plan(tuple(sorted(resources.values(), key=lambda r: r.name)), (*devices, *dra))

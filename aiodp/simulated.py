@@ -10,6 +10,8 @@ Format (see README):
         memory_mib: 81559
         numa_node: 0
         pci_bus_id: "0000:18:00.0"
+        architecture: Hopper       # optional, published by DRA (ResourceSlice attributes):
+        cuda_compute_capability: "9.0"  # also brand, driver_version, cuda_driver_version
         health: Healthy            # Healthy | Unhealthy
         reason: ""                 # optional, shown while Unhealthy
         mig_devices: [{uuid: MIG-..., profile: 1g.10gb, gi: 1, ci: 0}]
@@ -57,9 +59,17 @@ GPU_KEYS: Final = frozenset(
         "reason",
         "mig_devices",
         "metrics",
+        "brand",
+        "architecture",
+        "cuda_compute_capability",
+        "driver_version",
+        "cuda_driver_version",
     }
 )
 MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci", "metrics"})
+_IDENTITY: Final = (
+    "brand", "architecture", "cuda_compute_capability", "driver_version", "cuda_driver_version"
+)  # fmt: skip
 MAX_TEXT: Final = 256
 """Characters in one text value (a UUID, a name, a reason): real ones are far shorter."""
 
@@ -181,6 +191,7 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
                 mig_devices=migs,
                 health=health,
                 reason=reason,
+                **{k: _opt(f"{where}.{k}", g.get(k), "") for k in _IDENTITY},
             )
         )
     by_index = {g.index: g.uuid for g in gpus}

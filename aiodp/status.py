@@ -67,6 +67,11 @@ class Status:
         self._holders: Callable[[], Mapping[str, str]] = dict
         self._readings: Callable[[], Mapping[str, Mapping[str, object]]] = dict
         self._on_allocate: Callable[[], None] = lambda: None
+        self._dra: str | None = None
+        self._dra_registered = False
+        self._dra_error = ""
+        self.dra_binds = 0
+        """How many times the DRA sockets were bound (again after one was deleted)."""
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -97,8 +102,11 @@ class Status:
 
     @property
     def registered(self) -> bool:
-        """Every advertised resource is registered with the kubelet."""
-        return bool(self._wanted) and set(self._wanted) <= self._registered
+        """Every advertised resource is registered with the kubelet, and so is the DRA
+        driver where it runs."""
+        dra_ok = self._dra is None or self._dra_registered
+        anything = bool(self._wanted) or self._dra is not None
+        return anything and dra_ok and set(self._wanted) <= self._registered
 
     @property
     def eternal(self) -> tuple[asyncio.Task[Any], ...]:
@@ -147,8 +155,11 @@ class Status:
     def readiness(self) -> str | None:
         """None when every resource is registered and its ListAndWatch stream is open, and
         every CDI name we hand out is defined on the node."""
-        if not self._wanted:
+        if not self._wanted and self._dra is None:
             return self._phase
+        if self._dra is not None and not self._dra_registered:
+            why = f": {self._dra_error}" if self._dra_error else ""
+            return f"DRA driver {self._dra}: not registered with the kubelet{why}"
         live = self.live
         if live is not None and live.cdi_missing:
             return f"CDI spec missing for {brief(live.cdi_missing)}"
@@ -211,6 +222,22 @@ class Status:
     def allocation_answered(self) -> None:
         self._on_allocate()
 
+    def dra_serving(self, driver: str) -> None:
+        """The DRA driver runs: readiness waits for the kubelet to register it too."""
+        self._dra = driver
+        self.changed()
+
+    def dra_bound(self) -> None:
+        self.dra_binds += 1
+        self.changed()
+
+    def dra_registered(self, registered: bool, error: str) -> None:
+        """What the kubelet's plugin watcher said of our DRA driver."""
+        self._dra_registered, self._dra_error = registered, error
+        if self.registered:
+            self.ready.set()
+        self.changed()
+
     def snapshot(self) -> dict[str, Any]:
         """The node as the plugin sees it, for /status and `aiodp status` (JSON-ready)."""
         live = self.live
@@ -236,6 +263,13 @@ class Status:
                 }
                 for name in self._wanted
             ],
+            "dra": None
+            if self._dra is None
+            else {
+                "driver": self._dra,
+                "registered": self._dra_registered,
+                "error": self._dra_error or None,
+            },
             "devices": [],
             "config": {},
             "reloads": {

@@ -34,6 +34,11 @@ def h100_node(
             "    memory_mib: 81559",
             f"    numa_node: {i // 4}",
             f'    pci_bus_id: "0000:{0x18 + 0x10 * i:02x}:00.0"',
+            "    brand: Nvidia",
+            "    architecture: Hopper",
+            '    cuda_compute_capability: "9.0"',
+            '    driver_version: "580.95.05"',
+            '    cuda_driver_version: "13.0"',
         ]
         if i in unhealthy:
             lines += ["    health: Unhealthy", f"    reason: {json.dumps(unhealthy[i])}"]

@@ -35,6 +35,8 @@ class Topology:
     order: Mapping[str, int] = field(default_factory=dict)
     """GPU UUID -> index, the final tie-break."""
     scores: Mapping[frozenset[str], int] = field(default_factory=dict)
+    nvlinks: Mapping[frozenset[str], int] = field(default_factory=dict)
+    """NVLink count of each linked GPU pair (what DRA's NVLink islands are made of)."""
 
     def score(self, a: str, b: str) -> int:
         return self.scores.get(frozenset((a, b)), 0)
@@ -65,7 +67,8 @@ def build(
                 same = numa_a is not None and numa_a == numa_b
                 relation = "numa" if same else "system"
             scores[pair] = NVLINK_SCORE * nvlinks.get(pair, 0) + PCIE_SCORES[relation]
-    return Topology(order={u: idx for u, idx, _ in gpus}, scores=scores)
+    linked = {pair: n for pair, n in nvlinks.items() if n > 0}
+    return Topology(order={u: idx for u, idx, _ in gpus}, scores=scores, nvlinks=linked)
 
 
 def _check(avail: set[str], must: set[str], size: int) -> None:

@@ -190,6 +190,18 @@ class FakeMachine:
     def nvmlSystemGetDriverVersion(self) -> str:
         return "580.95.05"
 
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return 13000
+
+    def nvmlDeviceGetBrand(self, h: Handle) -> int:
+        return 14  # NVML_BRAND_NVIDIA
+
+    def nvmlDeviceGetArchitecture(self, h: Handle) -> int:
+        return 9  # NVML_DEVICE_ARCH_HOPPER
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: Handle) -> tuple[int, int]:
+        return (9, 0)
+
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)
 

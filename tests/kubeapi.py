@@ -1,5 +1,7 @@
 """A small in-process stand-in for the Kubernetes API, over HTTP: one Node (GET, watch, and
-a strategic-merge PATCH of its status conditions, merged by type), and Events (POST, PATCH).
+a strategic-merge PATCH of its status conditions, merged by type), Events (POST, PATCH), and
+DRA's ResourceSlices (list by field selector, create, replace, delete, watch) and
+ResourceClaims (GET) in the `resource.k8s.io` versions it is told to serve.
 
 Enough for `make test` to drive the node-label config switch without Go; `make e2e` runs the
 same scenarios against a real kube-apiserver.
@@ -28,6 +30,16 @@ class FakeApi:
         self.deny: bool = False
         """Answer 403 to every status PATCH and Event write (RBAC without our rules)."""
         self.writes = 0
+        self.resource_versions: tuple[str, ...] = ("v1", "v1beta2", "v1beta1")
+        """The resource.k8s.io versions served (others answer 404)."""
+        self.slices: dict[str, dict[str, Any]] = {}
+        self.claims: dict[tuple[str, str], dict[str, Any]] = {}
+        self.slice_events: list[tuple[str, dict[str, Any]]] = []
+        self.keep_taints = True
+        """False: drop DeviceTaints on write, as a server without DRADeviceTaints does."""
+        self.down = False
+        """True: answer 503 to every resource.k8s.io request (an API server going away)."""
+        self._rv = 100
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -152,6 +164,9 @@ class FakeApi:
                 elif method == "GET" and url.path == "/api/v1/nodes" and "watch" in query:
                     await self._watch(writer, query.get("fieldSelector", [""])[0])
                     return
+                elif url.path.startswith("/apis/resource.k8s.io/"):
+                    if await self._resource(writer, method, url.path, query, body):
+                        return
                 else:
                     await self._send(writer, 404, {"kind": "Status", "code": 404})
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -161,6 +176,138 @@ class FakeApi:
             if me is not None:
                 self._tasks.discard(me)
             writer.close()
+
+    # -- resource.k8s.io ---------------------------------------------------------------------
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def slices_of(self, node: str) -> list[dict[str, Any]]:
+        return [s for s in self.slices.values() if s["spec"].get("nodeName") == node]
+
+    async def wait_slices(self, check: Any) -> None:
+        """Until `check(slices)` holds for the stored slices."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: check(list(self.slices.values())))
+
+    async def put_claim(self, claim: dict[str, Any]) -> None:
+        meta = claim["metadata"]
+        async with self._changed:
+            self.claims[(meta["namespace"], meta["name"])] = claim
+
+    async def delete_slices(self) -> None:
+        """Delete every slice, as the kubelet does at its start."""
+        async with self._changed:
+            for name in list(self.slices):
+                self.slice_events.append(("DELETED", self.slices.pop(name)))
+            self._changed.notify_all()
+
+    def _stored(self, version: str, body: dict[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = json.loads(json.dumps(body))
+        obj["apiVersion"] = f"resource.k8s.io/{version}"
+        obj.setdefault("metadata", {})["resourceVersion"] = self._next_rv()
+        if not self.keep_taints:
+            for d in obj["spec"].get("devices") or []:
+                (d.get("basic") or d).pop("taints", None)
+        return obj
+
+    async def _resource(
+        self, writer: asyncio.StreamWriter, method: str, path: str,
+        query: dict[str, list[str]], body: Any,
+    ) -> bool:  # fmt: skip
+        """Serve one resource.k8s.io request; True when the connection was taken (a watch)."""
+        parts = path.strip("/").split("/")  # apis, resource.k8s.io, version, ...
+        version, rest = parts[2], parts[3:]
+        if self.down:
+            await self._send(writer, 503, {"kind": "Status", "code": 503, "message": "down"})
+            return False
+        if version not in self.resource_versions:
+            await self._send(writer, 404, {"kind": "Status", "code": 404})
+            return False
+        if rest[:1] == ["resourceslices"]:
+            name = rest[1] if len(rest) > 1 else None
+            if method == "GET" and name is None and "watch" in query:
+                await self._watch_slices(writer)
+                return True
+            async with self._changed:
+                if method == "GET" and name is None:
+                    selector = dict(
+                        kv.split("=", 1) for kv in query.get("fieldSelector", [""])[0].split(",")
+                        if "=" in kv
+                    )  # fmt: skip
+                    items = [
+                        s for s in self.slices.values()
+                        if all(
+                            s["spec"].get("nodeName" if k == "spec.nodeName" else "driver") == v
+                            for k, v in selector.items()
+                        )
+                    ]  # fmt: skip
+                    await self._send(writer, 200, {
+                        "kind": "ResourceSliceList", "apiVersion": f"resource.k8s.io/{version}",
+                        "metadata": {"resourceVersion": str(self._rv)}, "items": items,
+                    })  # fmt: skip
+                elif method == "POST" and name is None:
+                    key = body["metadata"]["name"]
+                    if key in self.slices:
+                        await self._send(writer, 409, {"kind": "Status", "code": 409})
+                    else:
+                        self.slices[key] = obj = self._stored(version, body)
+                        self.slice_events.append(("ADDED", obj))
+                        self._changed.notify_all()
+                        await self._send(writer, 201, obj)
+                elif method == "PUT" and name in self.slices:
+                    old = self.slices[name]
+                    if (
+                        body["metadata"].get("resourceVersion")
+                        != old["metadata"]["resourceVersion"]
+                    ):
+                        await self._send(writer, 409, {"kind": "Status", "code": 409})
+                    else:
+                        self.slices[name] = obj = self._stored(version, body)
+                        self.slice_events.append(("MODIFIED", obj))
+                        self._changed.notify_all()
+                        await self._send(writer, 200, obj)
+                elif method == "DELETE" and name in self.slices:
+                    obj = self.slices.pop(name)
+                    self.slice_events.append(("DELETED", obj))
+                    self._changed.notify_all()
+                    await self._send(writer, 200, {"kind": "Status", "code": 200})
+                else:
+                    await self._send(writer, 404, {"kind": "Status", "code": 404})
+            return False
+        if (
+            method == "GET"
+            and len(rest) == 4
+            and rest[0] == "namespaces"
+            and rest[2] == "resourceclaims"
+        ):
+            claim = self.claims.get((rest[1], rest[3]))
+            if claim is None:
+                await self._send(writer, 404, {"kind": "Status", "code": 404,
+                                               "message": "resourceclaims not found"})  # fmt: skip
+            else:
+                await self._send(writer, 200, claim)
+            return False
+        await self._send(writer, 404, {"kind": "Status", "code": 404})
+        return False
+
+    async def _watch_slices(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        seen = len(self.slice_events)
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda s=seen: len(self.slice_events) > s)  # type: ignore[misc]
+                batch = self.slice_events[seen:]
+                seen = len(self.slice_events)
+            for kind, obj in batch:
+                event = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await writer.drain()
 
     async def _send(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
