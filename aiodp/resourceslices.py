@@ -104,12 +104,18 @@ class Publisher:
         for body in wanted:
             name = body["metadata"]["name"]
             old = existing.pop(name, None)
+            stored = None
             if old is not None:
                 body["metadata"]["resourceVersion"] = (old.get("metadata") or {}).get(
                     "resourceVersion"
                 )
-                stored = await self.api.replace(kind.from_dict(body))
-            else:
+                try:
+                    stored = await self.api.replace(kind.from_dict(body))
+                except ApiError as e:
+                    if e.status.code != 404:
+                        raise
+                    del body["metadata"]["resourceVersion"]  # deleted meanwhile: create it
+            if stored is None:
                 stored = await self.api.create(kind.from_dict(body))
             if self.taints and not slices.taints_kept(body, dict(stored)):
                 self.taints = False

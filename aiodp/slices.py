@@ -121,9 +121,20 @@ def to_slice_device(
     assert len(out["attributes"]) + len(out.get("capacity", {})) <= MAX_ATTRIBUTES
     if taints and dev.health is Health.UNHEALTHY:
         out["taints"] = [
-            {"key": TAINT_KEY, "value": (dev.reason or "unhealthy")[:63], "effect": "NoSchedule"}
+            {
+                "key": TAINT_KEY,
+                "value": label_value(dev.reason or "unhealthy"),
+                "effect": "NoSchedule",
+            }
         ]
     return out
+
+
+def label_value(text: str) -> str:
+    """`text` as a taint value (a label value: at most 63 of [A-Za-z0-9_.-], alphanumeric at
+    both ends): `XID 79 (fell off the bus)` -> `XID-79-fell-off-the-bus`."""
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63].strip("-_.")
+    return value or "unhealthy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,8 @@ build_main() {  # name module@version package [replace-staging-of-kubernetes-ver
 for version in $versions; do
     build_peer devicemanager "$version"
 done
+# The kubelet's plugin manager and DRA manager (DRA GA, resource.k8s.io/v1): the newest only.
+build_peer drakubelet "${versions%% *}"
 if [ -z "${AIODP_E2E_NO_APISERVER:-}" ]; then
     newest="${versions%% *}"
     build_main etcd "go.etcd.io/etcd/server/v3@${AIODP_E2E_ETCD:-v3.6.16}" go.etcd.io/etcd/server/v3

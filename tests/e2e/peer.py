@@ -118,3 +118,57 @@ async def device_manager(version: str, directory: Path) -> AsyncIterator[DeviceM
     async with DeviceManager(version, directory) as dm:
         await dm.start()
         yield dm
+
+
+class DraKubelet:
+    """The kubelet's plugin manager and DRA manager in one Go driver process (built by
+    tests/e2e/build.sh at the newest version); `call()` sends it one command."""
+
+    def __init__(self, registry: Path, state: Path, kubeconfig: Path, node: str) -> None:
+        found = sorted(CACHE.glob("v1.*/drakubelet"))
+        if not found:
+            raise RuntimeError(f"no drakubelet under {CACHE}: run tests/e2e/build.sh")
+        self.binary = found[-1]
+        self.version = self.binary.parent.name
+        self.args = [str(registry), str(state), str(kubeconfig), node]
+        self.log = state.parent / "drakubelet.log"
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> DraKubelet:
+        with self.log.open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(self.binary), *self.args,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+        hello = await self._read(30)
+        if not hello.get("ok"):
+            raise DriverError(f"drakubelet did not start: {hello}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    async def _read(self, within: float) -> dict[str, Any]:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        async with asyncio.timeout(within):
+            line = await self._proc.stdout.readline()
+        if not line:
+            raise DriverError(f"drakubelet exited; its log ends:\n{self.log.read_text()[-2000:]}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
+        await self._proc.stdin.drain()
+        reply = await self._read(float(args.get("timeout", 30)) + 30)
+        if not reply.get("ok"):
+            raise DriverError(f"{op} {args}: {reply}")
+        return reply

@@ -140,7 +140,7 @@ def test_slice_device_attributes_and_taint() -> None:
     assert first["attributes"]["nvlinkIsland"] == second["attributes"]["nvlinkIsland"] == {"int": 0}
     assert "taints" not in first
     assert second["taints"] == [
-        {"key": slices.TAINT_KEY, "value": "XID 79", "effect": "NoSchedule"}
+        {"key": slices.TAINT_KEY, "value": "XID-79", "effect": "NoSchedule"}
     ]
     assert all(len(d["attributes"]) + len(d.get("capacity", {})) <= 32 for d in pool.devices)
     untainted = slices.pool("node", DRIVER, dev, {}, topo, taints=False)
@@ -259,3 +259,12 @@ def test_prepare_errors_name_the_claim_or_device(claim: dict[str, Any], message:
 def test_prepare_ignores_other_drivers_config() -> None:
     other = [{"opaque": {"driver": "gpu.nvidia.com", "parameters": "anything"}}]
     assert prepare(allocated("gpu-0", config=other)).devices[0].device == "gpu-0"
+
+
+@pytest.mark.parametrize(
+    ("reason", "value"),
+    [("XID 79 (fell off the bus)", "XID-79-fell-off-the-bus"), ("(((", "unhealthy"),
+     ("x" * 80, "x" * 63), ("lost: NVML_ERROR_GPU_IS_LOST.", "lost-NVML_ERROR_GPU_IS_LOST")],
+)  # fmt: skip
+def test_taint_values_are_label_values(reason: str, value: str) -> None:
+    assert slices.label_value(reason) == value
