@@ -48,7 +48,9 @@ async def allocate(api: ApiServer, name: str, device: str, pod: str, pod_uid: st
     status, claim = await api.call("POST", base, {
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": DRIVER}}]}},
+        "spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": DRIVER}}
+        ]}},
     })  # fmt: skip
     assert status == 201, claim
     claim["status"] = {
@@ -125,8 +127,9 @@ async def test_e2e_dra_claim_prepared_through_the_kubelets_dra_manager(short_dir
             await kubelet.call("wait_registered", driver=DRIVER, timeout=30)
             back = await kubelet.call("prepare", pod="pod-a", uid="pod-uid-a", claim="claim-a")
             assert back["cdi_devices"] == prepared["cdi_devices"]
+            generation = items[0]["spec"]["pool"]["generation"]
             report(f"DRA e2e: kubelet restart at {restarted['started_ns'] / 1e9:.3f}: slices "
-                   f"re-published (generation {items[0]['spec']['pool']['generation']})")  # fmt: skip
+                   f"re-published (generation {generation})")  # fmt: skip
 
             await kubelet.call("unprepare", pod="pod-a", uid="pod-uid-a", claim="claim-a")
             assert not (short_dir / "cdi" / f"aiodp-claim_{uid}.json").exists()

@@ -41,6 +41,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "shutdownTimeout": 8,
         "logFormat": "json",
     },
+    "dra": {
+        "dra": {"enabled": True, "devices": [4, 5, "GPU-abc"]},
+        "deviceListStrategy": ["cdi-cri"],
+    },
     "pod-monitor-no-probes": {
         "metrics": {"podMonitor": {"enabled": True}},
         "probes": {"liveness": {"enabled": False}},
@@ -84,9 +88,14 @@ def test_chart_lints_clean() -> None:
     assert [m for m in result["messages"] if m["severity"] >= 2] == []
 
 
+NEWER: dict[str, tuple[str, ...]] = {"dra": ("1.37.0",)}
+"""Value sets whose objects exist only in newer Kubernetes (DRA's DeviceClass is GA in 1.34,
+ValidatingAdmissionPolicy in 1.30)."""
+
+
 def cases() -> Iterator[tuple[str, str]]:
     for name in VALUE_SETS:
-        for version in KUBE_VERSIONS:
+        for version in NEWER.get(name, KUBE_VERSIONS):
             yield name, version
 
 
@@ -388,3 +397,32 @@ def test_chart_static_manifests_match_the_chart() -> None:
     for obj in objects:
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_chart_dra_renders_its_mounts_rbac_policy_and_class() -> None:
+    objects = render(VALUE_SETS["dra"])
+    e = env(objects)
+    assert e["AIODP_DRA"] == "true"
+    assert e["AIODP_DRA_DEVICES"] == "4,5,GPU-abc"
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["dra-plugin"]["mountPath"] == "/var/lib/kubelet/plugins/gpu.aiodp.io"
+    assert mounts["dra-registry"]["mountPath"] == "/var/lib/kubelet/plugins_registry"
+    assert not mounts["dra-cdi"].get("readOnly")  # claim specs are written there
+    assert "cdi-run" not in mounts  # the same directory, mounted once, writable
+    (role,) = kind(objects, "ClusterRole")
+    rules = {r["resources"][0]: r["verbs"] for r in role["rules"]}
+    assert "create" in rules["resourceslices"]
+    assert rules["resourceclaims"] == ["get"]
+    (policy,) = kind(objects, "ValidatingAdmissionPolicy")
+    account = "system:serviceaccount:kube-system:gpu-nvidia-gpu"
+    assert account in policy["spec"]["matchConditions"][0]["expression"]
+    (cls,) = kind(objects, "DeviceClass")
+    assert cls["spec"]["selectors"][0]["cel"]["expression"] == "device.driver == 'gpu.aiodp.io'"
+    assert pod(objects).get("serviceAccountName")
+
+
+def test_chart_without_dra_renders_nothing_of_it() -> None:
+    objects = render({})
+    assert not kind(objects, "DeviceClass")
+    assert not kind(objects, "ValidatingAdmissionPolicy")
+    assert not [k for k in env(objects) if k.startswith("AIODP_DRA")]

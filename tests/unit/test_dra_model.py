@@ -3,6 +3,7 @@ preparation (errors per claim, the CDI spec's edits)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ def test_plan_split_leaves_dra_gpus_out_of_sharing() -> None:
         "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
         "      - {name: nvidia.com/gpu, replicas: 2}\ndra:\n  devices: ['1']\n"
     )
-    file = cfg.load(cfg.Path("x"), lambda _: text)
+    file = cfg.load(Path("x"), lambda _: text)
     plan = sharing.plan([gpu(0), gpu(1)], cfg.build({"dra": True}, file))
     assert {d.id for d in plan.devices if not sharing.is_dra(d.resource)} == {
         "GPU-0::0", "GPU-0::1"
@@ -88,12 +89,12 @@ def test_dra_driver_name_must_be_a_dns_subdomain() -> None:
 
 def test_config_file_dra_key_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"dra.gpus: unknown key"):
-        cfg.load(cfg.Path("x"), lambda _: "version: v1\ndra:\n  gpus: all\n")
+        cfg.load(Path("x"), lambda _: "version: v1\ndra:\n  gpus: all\n")
 
 
 def test_long_dra_socket_paths_are_refused() -> None:
     with pytest.raises(ConfigError, match="--dra-plugins-dir"):
-        cfg.build({"dra": True, "dra_plugins_dir": cfg.Path("/" + "x" * 100)}, None)
+        cfg.build({"dra": True, "dra_plugins_dir": Path("/" + "x" * 100)}, None)
 
 
 def devices(n: int, health: dict[int, str] | None = None) -> list[Device]:

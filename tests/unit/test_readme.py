@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
-from aiodp import config, configfile, metrics, nodesignals, simulated
+from aiodp import (
+    config,
+    configfile,
+    metrics,
+    nodesignals,
+    sharing,
+    simulated,
+    slices,
+    testbed,
+    topology,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -56,6 +67,20 @@ def test_readme_yaml_example_is_valid(body: str) -> None:
         named = set(re.findall(r"\b(aiodp_[a-z_]+)", body))
         assert named
         assert {re.sub(r"_total$", "", n) for n in named} <= exported
+    elif doc.get("apiVersion", "").startswith("resource.k8s.io/"):  # a DRA claim example
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+        node = simulated.parse(testbed.h100_node())
+        conf = config.build({"dra": True, "dra_devices": "all"}, None)
+        plan = sharing.plan(node.gpus, conf)
+        topo = topology.build([(g.uuid, g.index, g.numa_node) for g in node.gpus],
+                              nvlinks=node.nvlinks)  # fmt: skip
+        pool = slices.pool("n", conf.dra_driver_name, plan.dra_devices(),
+                           {g.uuid: g for g in node.gpus}, topo)  # fmt: skip
+        published = {k for d in pool.devices for k in (*d["attributes"], *d.get("capacity", {}))}
+        named = set(re.findall(r'(?:attributes|capacity)\["gpu\.aiodp\.io"\]\.(\w+)', body))
+        named |= set(re.findall(r"matchAttribute: gpu\.aiodp\.io/(\w+)", body))
+        assert named
+        assert named <= published  # every attribute the example names is one we publish
     else:  # Helm values: the chart's schema takes them
         chart_schema().validate(doc)
 
