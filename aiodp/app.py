@@ -423,7 +423,10 @@ async def _serve(
         )
         status.serving(holder, lambda: tracker.last_probe, registry)
         status.set_phase("registering with the kubelet")
-        reloader = reload.Reloader(holder, infos, backend, registry, tracker, status.reloaded)
+        reloader = reload.Reloader(
+            holder, infos, backend, registry, tracker, status.reloaded,
+            withdraw=lambda gpus: status.wait_withdrawn(gpus, config.stream_open_timeout),
+        )  # fmt: skip
         health_wake = asyncio.Event()
         tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
             ("plugins", generations.run_plugins(holder, registry, status)),

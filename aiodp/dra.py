@@ -35,6 +35,7 @@ class Report(Protocol):
 
     def dra_registered(self, registered: bool, error: str) -> None: ...
     def dra_bound(self) -> None: ...
+    def dra_published(self, gpus: frozenset[str]) -> None: ...
 
 
 async def _no_api(ref: claims.ClaimRef) -> Mapping[str, Any]:
@@ -80,7 +81,7 @@ async def run_dra(
     publisher = None
     read_claim: Any = _no_api
     if api is not None and node:
-        publisher = resourceslices.Publisher(api, node, driver)
+        publisher = resourceslices.Publisher(api, node, driver, report.dra_published)
         read_claim = resourceslices.ClaimReader(api, publisher, config.api_timeout).read
     else:
         log.warning(

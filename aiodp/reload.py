@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -136,8 +136,12 @@ class Reloader:
         registry: DeviceRegistry,
         tracker: health.HealthTracker,
         on_result: Callable[[str], None],
+        withdraw: Callable[[frozenset[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.holder = holder
+        self.withdraw = withdraw
+        """Waits until neither API shows these GPUs (a GPU moving between the device plugin
+        and DRA is withdrawn from one before it appears in the other)."""
         self.backend = be
         self.registry = registry
         self.tracker = tracker
@@ -187,6 +191,18 @@ class Reloader:
             else d
             for d in plan.devices
         ]
+        moving = _moving(old.plan, plan)
+        if moving and self.withdraw is not None:  # first out of both APIs, then in
+            log.info("GPU(s) %s move between the device plugin and DRA", brief(sorted(moving)))
+            staying = [d for d in devices if d.gpu not in moving]
+            interim = sharing.Plan(
+                plan.resources, tuple(d for d in plan.devices if d.gpu not in moving)
+            )
+            self.holder.install(
+                Live(config, interim, topo, control, imex, missing, tuple(self._infos))
+            )
+            self.registry.replace(staying)
+            await self.withdraw(moving)
         self.holder.install(Live(config, plan, topo, control, imex, missing, tuple(self._infos)))
         self.registry.replace(devices)
         self.tracker.reapply()
@@ -224,6 +240,18 @@ class Reloader:
         self.on_result("applied" if applied else "unchanged")
         if applied:
             log.info("config reloaded from %s", new.config_file)
+
+
+def _moving(old: sharing.Plan, new: sharing.Plan) -> frozenset[str]:
+    """GPUs that change API (device plugin <-> DRA) from `old` to `new`."""
+
+    def dra_gpus(plan: sharing.Plan) -> set[str]:
+        return {d.gpu for d in plan.dra_devices()}
+
+    def plugin_gpus(plan: sharing.Plan) -> set[str]:
+        return {d.gpu for d in plan.devices if not sharing.is_dra(d.resource)}
+
+    return frozenset((dra_gpus(old) & plugin_gpus(new)) | (plugin_gpus(old) & dra_gpus(new)))
 
 
 def describe(plan: sharing.Plan) -> str:

@@ -66,8 +66,16 @@ async def _list(api: AsyncClient, version: str, node: str, driver: str) -> dict[
 class Publisher:
     """Keeps this node's slices equal to its pool; `generation` grows with every change."""
 
-    def __init__(self, api: AsyncClient, node: str, driver: str) -> None:
+    def __init__(
+        self,
+        api: AsyncClient,
+        node: str,
+        driver: str,
+        on_published: Callable[[frozenset[str]], None] = lambda _: None,
+    ) -> None:
         self.api = api
+        self.on_published = on_published
+        """Told the GPUs (parent UUIDs) of every pool written."""
         self.node = node
         self.driver = driver
         self.version: str | None = None
@@ -132,6 +140,7 @@ class Publisher:
                     raise
         self.published = pool
         self.publishes += 1
+        self.on_published(pool.gpus)
         log.info("published %d DRA device(s) in %d ResourceSlice(s), pool %s generation %d",
                  len(pool.devices), len(wanted), pool.node, self.generation)  # fmt: skip
         return True

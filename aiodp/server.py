@@ -254,6 +254,8 @@ class DevicePluginService(DevicePluginBase):
         """The kubelet's own stream is open (other clients' streams do not count)."""
         self.open_streams = 0
         """ListAndWatch streams open, the kubelet's and any other client's."""
+        self.kubelet_sent: frozenset[str] = frozenset()
+        """GPU UUIDs of the devices in the list last sent on the kubelet's stream."""
         self._kubelet: object | None = None
         """The connection the kubelet dialed back on inside Register."""
         self._awaiting_kubelet = False
@@ -302,11 +304,15 @@ class DevicePluginService(DevicePluginBase):
                 log.debug("ListAndWatch %s: sending %d devices", self.resource, len(devices))
                 yield snapshot(devices)
                 metrics.observe_snapshot(self.resource)
+                if kubelet:  # sent: a GPU moving to DRA waits for this (reload.Reloader)
+                    self.kubelet_sent = frozenset(d.gpu for d in devices)
+                    self.on_change()
         finally:
             metrics.stream_closed(self.resource)
             self.open_streams -= 1
             if kubelet:
                 self.kubelet_stream_open = False
+                self.kubelet_sent = frozenset()
             self.on_change()
             if not self.open_streams:
                 self._streams_done.set()

@@ -144,6 +144,8 @@ class Pool:
     node: str
     driver: str
     devices: tuple[dict[str, Any], ...]
+    gpus: frozenset[str] = frozenset()
+    """The physical GPUs (parent UUIDs) behind the devices."""
 
 
 def pool(
@@ -162,7 +164,12 @@ def pool(
         for d in devices
         if d.kind is not Kind.REPLICA
     ]
-    return Pool(node, driver, tuple(sorted(out, key=lambda d: _natural(d["name"]))))
+    return Pool(
+        node,
+        driver,
+        tuple(sorted(out, key=lambda d: _natural(d["name"]))),
+        frozenset(d.gpu for d in devices),
+    )
 
 
 def _natural(name: str) -> tuple[object, ...]:

@@ -70,6 +70,7 @@ class Status:
         self._dra: str | None = None
         self._dra_registered = False
         self._dra_error = ""
+        self._dra_published: frozenset[str] = frozenset()
         self.dra_binds = 0
         """How many times the DRA sockets were bound (again after one was deleted)."""
 
@@ -225,6 +226,29 @@ class Status:
     def dra_serving(self, driver: str) -> None:
         """The DRA driver runs: readiness waits for the kubelet to register it too."""
         self._dra = driver
+        self.changed()
+
+    def held_by_either_api(self, gpus: frozenset[str]) -> frozenset[str]:
+        """Which of `gpus` the kubelet's device-plugin streams or our ResourceSlices still
+        show (what they last sent or published)."""
+        sent: set[str] = set(self._dra_published)
+        for service in self._services.values():
+            sent |= service.kubelet_sent
+        return gpus & sent
+
+    async def wait_withdrawn(self, gpus: frozenset[str], within: float) -> None:
+        """Until neither API shows `gpus` (bounded: a stalled stream or API server must not
+        hold a reload for ever; after `within` seconds the move goes ahead, logged)."""
+        try:
+            async with asyncio.timeout(within):
+                await self.wait_for(lambda: not self.held_by_either_api(gpus))
+        except TimeoutError:
+            log.warning("GPU(s) %s still shown after %.0f s; moving them anyway",
+                        brief(sorted(self.held_by_either_api(gpus))), within)  # fmt: skip
+
+    def dra_published(self, gpus: frozenset[str]) -> None:
+        """The GPUs (parents of the devices) in the ResourceSlices just written."""
+        self._dra_published = gpus
         self.changed()
 
     def dra_bound(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Self
@@ -35,6 +36,8 @@ class FakeApi:
         self.slices: dict[str, dict[str, Any]] = {}
         self.claims: dict[tuple[str, str], dict[str, Any]] = {}
         self.slice_events: list[tuple[str, dict[str, Any]]] = []
+        self.slice_event_times: list[float] = []
+        """time.monotonic() of each slice event (to compare with the kubelet stand-in's)."""
         self.keep_taints = True
         """False: drop DeviceTaints on write, as a server without DRADeviceTaints does."""
         self.down = False
@@ -179,6 +182,10 @@ class FakeApi:
 
     # -- resource.k8s.io ---------------------------------------------------------------------
 
+    def _slice_event(self, kind: str, obj: dict[str, Any]) -> None:
+        self.slice_events.append((kind, obj))
+        self.slice_event_times.append(time.monotonic())
+
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
@@ -200,7 +207,7 @@ class FakeApi:
         """Delete every slice, as the kubelet does at its start."""
         async with self._changed:
             for name in list(self.slices):
-                self.slice_events.append(("DELETED", self.slices.pop(name)))
+                self._slice_event("DELETED", self.slices.pop(name))
             self._changed.notify_all()
 
     def _stored(self, version: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +260,7 @@ class FakeApi:
                         await self._send(writer, 409, {"kind": "Status", "code": 409})
                     else:
                         self.slices[key] = obj = self._stored(version, body)
-                        self.slice_events.append(("ADDED", obj))
+                        self._slice_event("ADDED", obj)
                         self._changed.notify_all()
                         await self._send(writer, 201, obj)
                 elif method == "PUT" and name in self.slices:
@@ -265,12 +272,12 @@ class FakeApi:
                         await self._send(writer, 409, {"kind": "Status", "code": 409})
                     else:
                         self.slices[name] = obj = self._stored(version, body)
-                        self.slice_events.append(("MODIFIED", obj))
+                        self._slice_event("MODIFIED", obj)
                         self._changed.notify_all()
                         await self._send(writer, 200, obj)
                 elif method == "DELETE" and name in self.slices:
                     obj = self.slices.pop(name)
-                    self.slice_events.append(("DELETED", obj))
+                    self._slice_event("DELETED", obj)
                     self._changed.notify_all()
                     await self._send(writer, 200, {"kind": "Status", "code": 200})
                 else:

@@ -302,7 +302,63 @@ async def _follow_reload(rp: Running, api: FakeApi, conf: Path) -> None:
     await api.wait_slices(lambda s: set(published(s)) == {"gpu-7"})
     await next_update(rp.k, lambda u: len(u.devices) == 7)
     write_atomically(conf, "version: v1\ndra:\n  devices: ['6', '7']\n")
+    left = await next_update(
+        rp.k, lambda u: u.resource == "nvidia.com/gpu" and uuid(6) not in {d.id for d in u.devices}
+    )
     await api.wait_slices(lambda s: set(published(s)) == {"gpu-6", "gpu-7"})
-    while uuid(6) in {d.id for d in rp.k.devices("nvidia.com/gpu")}:
-        await next_update(rp.k, lambda u: u.resource == "nvidia.com/gpu")
     assert len(rp.k.devices("nvidia.com/gpu")) == 6
+    joined = next(
+        t for (kind, obj), t in zip(api.slice_events, api.slice_event_times, strict=True)
+        if kind != "DELETED" and "gpu-6" in published([obj])
+    )  # fmt: skip
+    assert left.at <= joined  # withdrawn from the device plugin before it joined DRA
+    # and back: it leaves the pool before the device plugin lists it again
+    write_atomically(conf, "version: v1\ndra:\n  devices: ['7']\n")
+    back = await next_update(
+        rp.k, lambda u: u.resource == "nvidia.com/gpu" and uuid(6) in {d.id for d in u.devices}
+    )
+    gone = next(
+        t for (kind, obj), t in zip(api.slice_events, api.slice_event_times, strict=True)
+        if t > joined and kind != "DELETED" and "gpu-6" not in published([obj])
+    )  # fmt: skip
+    assert gone <= back.at
+
+
+async def test_dra_keeps_what_happened_while_the_api_server_was_away(short_dir: Path) -> None:
+    async with FakeApi(NODE) as api, running(short_dir, **dra_options(short_dir, api)) as rp:
+        await register(rp)
+        await api.wait_slices(lambda s: len(published(s)) == 4)
+        api.down = True  # it goes away; a GPU fails meanwhile (seen on the health stream)
+        async with channel(rp.config.dra_socket) as ch:
+            health = health_grpc.DRAResourceHealthStub(ch)
+            stream = health.NodeWatchResources(health_pb.NodeWatchResourcesRequest())
+            await stream.read()
+            write_atomically(rp.devices_file, h100_node(unhealthy={6: "XID 48"}))
+            update = await stream.read()
+            assert any(d.health == health_pb.UNHEALTHY for d in update.devices)
+            stream.cancel()
+        api.down = False  # back: the fault is published, nothing lost
+        await api.wait_slices(lambda s: "taints" in published(s).get("gpu-6", {}))
+
+
+async def test_dra_refuses_oversized_requests_with_invalid_argument(short_dir: Path) -> None:
+    async with FakeApi(NODE) as api, running(short_dir, **dra_options(short_dir, api)) as rp:
+        await register(rp)
+        async with channel(rp.config.dra_socket) as ch:
+            stub = dra_grpc.DRAPluginStub(ch)
+            for claims in (
+                [ref(f"u{i}") for i in range(257)],
+                [ref("x" * 300)],
+                [dra_pb.Claim(namespace="default", name="no-uid")],
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.NodePrepareResources(
+                        dra_pb.NodePrepareResourcesRequest(claims=claims)
+                    )
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert len(err.value.details() or "") < 200
+            # the plugin still answers
+            done = await stub.NodeUnprepareResources(
+                dra_pb.NodeUnprepareResourcesRequest(claims=[ref("u1")])
+            )
+            assert done.claims["u1"].error == ""
