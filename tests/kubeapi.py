@@ -43,6 +43,8 @@ class FakeApi:
         self.down = False
         """True: answer 503 to every resource.k8s.io request (an API server going away)."""
         self._rv = 100
+        self._closed = False
+        """Set on exit: the watches end on their own (no cancelled handler tasks)."""
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -54,9 +56,14 @@ class FakeApi:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
         self._server.close()
         for w in list(self._writers):
             w.close()
+        if self._tasks:  # closed connections and ended watches let the handlers return
+            await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -308,7 +315,11 @@ class FakeApi:
         seen = len(self.slice_events)
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda s=seen: len(self.slice_events) > s)  # type: ignore[misc]
+                await self._changed.wait_for(
+                    lambda s=seen: len(self.slice_events) > s or self._closed  # type: ignore[misc]
+                )
+                if self._closed:
+                    return
                 batch = self.slice_events[seen:]
                 seen = len(self.slice_events)
             for kind, obj in batch:
@@ -335,7 +346,9 @@ class FakeApi:
         seen, kind = 0, "ADDED"
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda s=seen: self.version != s)  # type: ignore[misc]
+                await self._changed.wait_for(lambda s=seen: self.version != s or self._closed)  # type: ignore[misc]
+                if self._closed:
+                    return
                 seen = self.version
                 event = json.dumps({"type": kind, "object": self._object()}).encode() + b"\n"
             kind = "MODIFIED"
