@@ -84,6 +84,11 @@ def table(doc: dict[str, Any]) -> str:
             f"{r['name']:<32} {'yes' if r['registered'] else 'no':<10} "
             f"{r['since'] or '-':<26} {r['streams']}"
         )
+    dra = doc.get("dra")
+    if dra:
+        drivers = f"DRA driver {dra['driver']}"
+        lines.append(f"{drivers:<32} {'yes' if dra['registered'] else 'no':<10} "
+                     f"{'-':<26} {dra.get('error') or '-'}")  # fmt: skip
     lines += ["", f"{'DEVICE':<44} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
               f"{'UTIL':>5} {'POWER':>6} {'TEMP':>5} {'REASON':<24} POD"]  # fmt: skip
     for d in doc.get("devices", []):

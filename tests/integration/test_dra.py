@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from aiodp import statuscli
 from aiodp.testbed import GPUS
 from tests.grpcio_stubs import dra_stubs
 from tests.harness import Running, h100_node, next_update, running, write_atomically
@@ -105,6 +106,8 @@ async def test_dra_end_to_end_through_the_fakes(short_dir: Path) -> None:
         )
         await rp.ready.wait()  # the device plugin and the DRA driver are both registered
         assert rp.state.readiness() is None
+        row = next(r for r in statuscli.table(rp.state.snapshot()).splitlines() if "DRA" in r)
+        assert row.split()[:4] == ["DRA", "driver", DRIVER, "yes"]
 
         # one GPU, one API: the device plugin lists GPUs 0-3, DRA publishes 4-7
         await next_update(rp.k, lambda u: bool(u.devices))
@@ -279,6 +282,13 @@ async def test_dra_falls_back_to_v1beta1_slices(short_dir: Path) -> None:
 
 async def test_dra_sockets_come_back_when_deleted(short_dir: Path) -> None:
     async with FakeApi(NODE) as api, running(short_dir, **dra_options(short_dir, api)) as rp:
+        await rp.state.wait_for(lambda: rp.state.dra_binds >= 1)
+        assert f"DRA driver {DRIVER}: not registered" in (rp.state.readiness() or "")
+        async with channel(rp.config.dra_registration_socket) as ch:  # the kubelet refuses
+            await reg_grpc.RegistrationStub(ch).NotifyRegistrationStatus(
+                reg_pb.RegistrationStatus(plugin_registered=False, error="version mismatch")
+            )
+        assert "version mismatch" in (rp.state.readiness() or "")
         await register(rp)
         rp.config.dra_registration_socket.unlink()
         await rp.state.wait_for(lambda: rp.state.dra_binds >= 2)
