@@ -50,7 +50,7 @@ test-matrix: ## make test's pytest run on Python 3.11, 3.12 and 3.13 (pyenv), ea
 chaos: $(STAMP) ## attacks and normal-use runs at full size on a plugin process: one table (<= 10 min)
 	$(BIN)/python -m tests.chaos
 
-e2e: $(STAMP) ## build the kubelet's device manager, kube-apiserver, etcd (Go, cached) and test against them
+e2e: $(STAMP) ## build the kubelet's device manager, plugin and DRA managers, kube-apiserver, kube-scheduler, etcd (Go, cached); test against them
 	bash tests/e2e/build.sh
 	@report=$$(mktemp) && \
 	AIODP_E2E_REPORT=$$report $(BIN)/python -m pytest -q tests/e2e; rc=$$?; \

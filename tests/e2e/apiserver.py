@@ -152,3 +152,34 @@ class ApiServer:
             return status, json.loads(raw)
         except ValueError:
             return status, raw.decode(errors="replace")
+
+
+class Scheduler:
+    """The real kube-scheduler (built by tests/e2e/build.sh) against an ApiServer: it places
+    pods and allocates their ResourceClaims from the published ResourceSlices."""
+
+    def __init__(self, api: ApiServer, directory: Path) -> None:
+        self.api = api
+        self.directory = directory
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Scheduler:
+        kubeconfig = self.api.kubeconfig(self.directory)
+        self._proc = await self.api._spawn(
+            "kube-scheduler", f"--kubeconfig={kubeconfig}", "--leader-elect=false",
+            "--secure-port=0", "--v=2",
+        )  # fmt: skip
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

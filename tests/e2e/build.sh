@@ -102,4 +102,6 @@ if [ -z "${AIODP_E2E_NO_APISERVER:-}" ]; then
     newest="${versions%% *}"
     build_main etcd "go.etcd.io/etcd/server/v3@${AIODP_E2E_ETCD:-v3.6.16}" go.etcd.io/etcd/server/v3
     build_main kube-apiserver "k8s.io/kubernetes@$newest" k8s.io/kubernetes/cmd/kube-apiserver "$newest"
+    # places the DRA e2e pod: allocates its claim from the ResourceSlices we publish
+    build_main kube-scheduler "k8s.io/kubernetes@$newest" k8s.io/kubernetes/cmd/kube-scheduler "$newest"
 fi

@@ -1,8 +1,7 @@
-"""DRA against the real Kubernetes code: the kubelet's plugin manager and DRA manager (the
-Go driver tests/e2e/drakubelet) and a real kube-apiserver with etcd.
-
-No kube-scheduler runs here: the test writes the claim's allocation and reservation into its
-status as the scheduler would (the devices named are ones this plugin published).
+"""DRA against the real Kubernetes code: the kube-scheduler places a pod and allocates its
+claim from the ResourceSlices this plugin published, the kubelet's plugin manager and DRA
+manager (the Go driver tests/e2e/drakubelet) prepare it through this plugin, all against a
+real kube-apiserver with etcd.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.apiserver import ApiServer
+from tests.e2e.apiserver import ApiServer, Scheduler
 from tests.e2e.conftest import report
 from tests.e2e.peer import DraKubelet
 from tests.harness import h100_node, running, write_atomically
@@ -41,42 +40,78 @@ def devices(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {d["name"]: d for s in items for d in s["spec"]["devices"]}
 
 
-async def allocate(api: ApiServer, name: str, device: str, pod: str, pod_uid: str) -> str:
-    """Create a ResourceClaim and write its allocation and reservation as the scheduler
-    would; returns its UID."""
-    base = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims"
-    status, claim = await api.call("POST", base, {
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"devices": {"requests": [
-            {"name": "gpu", "exactly": {"deviceClassName": DRIVER}}
-        ]}},
+async def until(api: ApiServer, path: str, check: Any, within: float = 60) -> dict[str, Any]:
+    """GET `path` until `check(object)` holds (polling another process); on timeout the
+    assertion shows the object and the scheduler's log."""
+    body: Any = None
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                status, body = await api.call("GET", path)
+                if status == 200 and check(body):
+                    return dict(body)
+                await asyncio.sleep(0.1)  # the API server is another process: poll it
+    except TimeoutError:
+        log = api.directory / "kube-scheduler.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"{path} never passed: {body}\nscheduler:\n{tail}") from None
+
+
+async def create(api: ApiServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    status, out = await api.call("POST", path, body)
+    assert status == 201, out
+    return dict(out)
+
+
+async def schedulable_node(api: ApiServer) -> None:
+    """A Node the scheduler can place a pod on (no kubelet posts its status here)."""
+    node = await create(api, "/api/v1/nodes", {
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
     })  # fmt: skip
-    assert status == 201, claim
-    claim["status"] = {
-        "allocation": {
-            "devices": {"results": [
-                {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": device}
-            ]},
-            "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": [NODE]}
-            ]}]},
-        },
-        "reservedFor": [{"resource": "pods", "name": pod, "uid": pod_uid}],
+    room = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+    node["status"] = {
+        "capacity": room, "allocatable": room,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "the e2e test says so"}],
     }  # fmt: skip
-    status, claim = await api.call("PUT", f"{base}/{name}/status", claim)
-    assert status == 200, claim
-    return str(claim["metadata"]["uid"])
+    status, node = await api.call("PUT", f"/api/v1/nodes/{NODE}/status", node)
+    assert status == 200, node
+    # admission gave the new Node the not-ready taint; no node controller runs to lift it
+    node["spec"]["taints"] = []
+    status, node = await api.call("PUT", f"/api/v1/nodes/{NODE}", node)
+    assert status == 200, node
 
 
-async def test_e2e_dra_claim_prepared_through_the_kubelets_dra_manager(short_dir: Path) -> None:
-    async with ApiServer(short_dir) as api:
-        status, node = await api.call(
-            "POST",
-            "/api/v1/nodes",
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}},
-        )
-        assert status == 201, node
+CLAIM = {
+    "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+    "metadata": {"name": "claim-a", "namespace": "default"},
+    "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
+        "deviceClassName": DRIVER,
+        "selectors": [{"cel": {"expression":
+            f'device.attributes["{DRIVER}"].productName.startsWith("NVIDIA H100") && '
+            f'device.capacity["{DRIVER}"].memory.compareTo(quantity("80G")) >= 0'}}],
+    }}]}},
+}  # fmt: skip
+POD = {
+    "apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": "pod-a", "namespace": "default"},
+    "spec": {
+        "containers": [{"name": "main", "image": "registry.invalid/none",
+                        "resources": {"claims": [{"name": "gpu"}]}}],
+        "resourceClaims": [{"name": "gpu", "resourceClaimName": "claim-a"}],
+    },
+}  # fmt: skip
+
+
+async def test_e2e_dra_claim_scheduled_and_prepared_by_the_real_kubernetes(
+    short_dir: Path,
+) -> None:
+    async with ApiServer(short_dir) as api, Scheduler(api, short_dir):
+        await schedulable_node(api)
+        await create(api, "/apis/resource.k8s.io/v1/deviceclasses", {
+            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass", "metadata": {"name": DRIVER},
+            "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{DRIVER}'"}}]},
+        })  # fmt: skip
         kubeconfig = api.kubeconfig(short_dir)
         registry, state = short_dir / "registry", short_dir / "state"
         registry.mkdir()
@@ -95,27 +130,48 @@ async def test_e2e_dra_claim_prepared_through_the_kubelets_dra_manager(short_dir
                 f"DRA e2e (kubelet {kubelet.version}): 4 devices published in {len(items)} slice(s)"
             )
 
-            # a claim for a device we published, prepared by the kubelet's DRA manager
-            uid = await allocate(api, "claim-a", "gpu-4", "pod-a", "pod-uid-a")
-            prepared = await kubelet.call("prepare", pod="pod-a", uid="pod-uid-a", claim="claim-a")
-            assert prepared["cdi_devices"] == [f"k8s.{DRIVER}/claim={uid}-gpu-4"]
+            # the kube-scheduler allocates the claim from our slices and binds the pod
+            await create(api, "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims", CLAIM)
+            pod = await create(api, "/api/v1/namespaces/default/pods", POD)
+            pod = await until(api, "/api/v1/namespaces/default/pods/pod-a",
+                              lambda p: p["spec"].get("nodeName") == NODE)  # fmt: skip
+            claim = await until(
+                api,
+                "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims/claim-a",
+                lambda c: (c.get("status") or {}).get("allocation"),
+            )
+            (result,) = claim["status"]["allocation"]["devices"]["results"]
+            assert (result["driver"], result["pool"]) == (DRIVER, NODE)
+            device, uid = result["device"], claim["metadata"]["uid"]
+            assert device in {"gpu-4", "gpu-5", "gpu-6", "gpu-7"}
+            report(
+                f"DRA e2e: kube-scheduler allocated {device} to claim-a and bound pod-a to {NODE}"
+            )
+
+            # prepared by the kubelet's DRA manager, through our plugin
+            pod_uid = pod["metadata"]["uid"]
+            prepared = await kubelet.call("prepare", pod="pod-a", uid=pod_uid, claim="claim-a")
+            assert prepared["cdi_devices"] == [f"k8s.{DRIVER}/claim={uid}-{device}"]
             spec = json.loads((short_dir / "cdi" / f"aiodp-claim_{uid}.json").read_text())
-            assert spec["devices"][0]["name"] == f"{uid}-gpu-4"
+            assert spec["devices"][0]["name"] == f"{uid}-{device}"
             report(f"DRA e2e: prepare of 1 device through the kubelet took "
                    f"{prepared['took_ns'] / 1e6:.1f} ms; CDI spec {spec['kind']}")  # fmt: skip
 
             # a GPU fault: on the kubelet's health stream and as a taint on the slice
-            write_atomically(rp.devices_file, h100_node(unhealthy={4: "XID 79 (fell off the bus)"}))
+            index = int(device.removeprefix("gpu-"))
+            write_atomically(
+                rp.devices_file, h100_node(unhealthy={index: "XID 79 (fell off the bus)"})
+            )
             health = await kubelet.call(
-                "health", pod="pod-a", uid="pod-uid-a", claim="claim-a", want="Unhealthy",
+                "health", pod="pod-a", uid=pod_uid, claim="claim-a", want="Unhealthy",
                 timeout=30,
             )  # fmt: skip
             report(f"DRA e2e: the kubelet's resource health of the claim: {health['health']}")
-            items = await slices_until(api, lambda s: "taints" in devices(s).get("gpu-4", {}))
-            assert devices(items)["gpu-4"]["taints"][0]["effect"] == "NoSchedule"
+            items = await slices_until(api, lambda s: "taints" in devices(s).get(device, {}))
+            assert devices(items)[device]["taints"][0]["effect"] == "NoSchedule"
             write_atomically(rp.devices_file, h100_node())
             await kubelet.call(
-                "health", pod="pod-a", uid="pod-uid-a", claim="claim-a", want="Healthy",
+                "health", pod="pod-a", uid=pod_uid, claim="claim-a", want="Healthy",
                 timeout=30,
             )  # fmt: skip
 
@@ -125,11 +181,11 @@ async def test_e2e_dra_claim_prepared_through_the_kubelets_dra_manager(short_dir
             await slices_until(api, lambda s: not s or s[0]["metadata"].get("creationTimestamp"))
             items = await slices_until(api, lambda s: len(devices(s)) == 4)
             await kubelet.call("wait_registered", driver=DRIVER, timeout=30)
-            back = await kubelet.call("prepare", pod="pod-a", uid="pod-uid-a", claim="claim-a")
+            back = await kubelet.call("prepare", pod="pod-a", uid=pod_uid, claim="claim-a")
             assert back["cdi_devices"] == prepared["cdi_devices"]
             generation = items[0]["spec"]["pool"]["generation"]
             report(f"DRA e2e: kubelet restart at {restarted['started_ns'] / 1e9:.3f}: slices "
                    f"re-published (generation {generation})")  # fmt: skip
 
-            await kubelet.call("unprepare", pod="pod-a", uid="pod-uid-a", claim="claim-a")
+            await kubelet.call("unprepare", pod="pod-a", uid=pod_uid, claim="claim-a")
             assert not (short_dir / "cdi" / f"aiodp-claim_{uid}.json").exists()
