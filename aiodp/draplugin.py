@@ -29,7 +29,7 @@ from aiodp.draapi import v1 as health_v1
 from aiodp.draapi import v1alpha1 as health_v1alpha1
 from aiodp.draapi.k8s.io.kubelet.pkg.apis.dra import v1 as dra_v1
 from aiodp.draapi.k8s.io.kubelet.pkg.apis.dra import v1beta1 as dra_v1beta1
-from aiodp.errors import ListenError, cut_text
+from aiodp.errors import ListenError, brief, cut_text
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ def _refs(items: Sequence[dra_v1.Claim] | Sequence[dra_v1beta1.Claim]) -> list[c
     return out
 
 
+def _names(refs: Sequence[claims.ClaimRef]) -> str:
+    """The claims of a call for one log line: at most 5 named, each cut."""
+    return brief([f"{cut_text(r.namespace, 64)}/{cut_text(r.name, 64)}" for r in refs])
+
+
 class RegistrationService(reg.RegistrationBase):
     """GetInfo for the kubelet's plugin watcher, and what it says of our registration."""
 
@@ -115,9 +120,11 @@ class DraV1Service(dra_v1.DraPluginBase):
         self.preparer = preparer
 
     async def node_prepare_resources(
-        self, message: dra_v1.NodePrepareResourcesRequest
+        self, message: dra_v1.NodePrepareResourcesRequest, version: str = "v1"
     ) -> dra_v1.NodePrepareResourcesResponse:
-        done = await self.preparer.prepare(_refs(message.claims))
+        refs = _refs(message.claims)
+        log.info("NodePrepareResources over dra %s: %s", version, _names(refs))
+        done = await self.preparer.prepare(refs)
         out = dra_v1.NodePrepareResourcesResponse()
         for uid, result in done.items():
             if isinstance(result, str):
@@ -137,9 +144,11 @@ class DraV1Service(dra_v1.DraPluginBase):
         return out
 
     async def node_unprepare_resources(
-        self, message: dra_v1.NodeUnprepareResourcesRequest
+        self, message: dra_v1.NodeUnprepareResourcesRequest, version: str = "v1"
     ) -> dra_v1.NodeUnprepareResourcesResponse:
-        done = await self.preparer.unprepare(_refs(message.claims))
+        refs = _refs(message.claims)
+        log.info("NodeUnprepareResources over dra %s: %s", version, _names(refs))
+        done = await self.preparer.unprepare(refs)
         return dra_v1.NodeUnprepareResourcesResponse(
             claims={
                 uid: dra_v1.NodeUnprepareResourceResponse(error=err) for uid, err in done.items()
@@ -158,7 +167,7 @@ class DraV1beta1Service(dra_v1beta1.DraPluginBase):
         self, message: dra_v1beta1.NodePrepareResourcesRequest
     ) -> dra_v1beta1.NodePrepareResourcesResponse:
         answer = await self.v1.node_prepare_resources(
-            dra_v1.NodePrepareResourcesRequest.parse(bytes(message))
+            dra_v1.NodePrepareResourcesRequest.parse(bytes(message)), "v1beta1"
         )
         return dra_v1beta1.NodePrepareResourcesResponse.parse(bytes(answer))
 
@@ -166,7 +175,7 @@ class DraV1beta1Service(dra_v1beta1.DraPluginBase):
         self, message: dra_v1beta1.NodeUnprepareResourcesRequest
     ) -> dra_v1beta1.NodeUnprepareResourcesResponse:
         answer = await self.v1.node_unprepare_resources(
-            dra_v1.NodeUnprepareResourcesRequest.parse(bytes(message))
+            dra_v1.NodeUnprepareResourcesRequest.parse(bytes(message)), "v1beta1"
         )
         return dra_v1beta1.NodeUnprepareResourcesResponse.parse(bytes(answer))
 

@@ -37,8 +37,10 @@ def _free_port() -> int:
 
 
 class ApiServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
         self.directory = directory
+        self.extra = extra
+        """More kube-apiserver flags (e.g. --runtime-config for an old kubelet's API)."""
         self.port = _free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self._procs: list[asyncio.subprocess.Process] = []
@@ -89,7 +91,7 @@ class ApiServer:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
                 "--service-cluster-ip-range=10.0.0.0/24",
-                "--disable-admission-plugins=ServiceAccount",
+                "--disable-admission-plugins=ServiceAccount", *self.extra,
             )
         )  # fmt: skip
         await self._ready()

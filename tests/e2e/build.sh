@@ -24,6 +24,7 @@ build_peer() {  # peer version
     local staging="v0.${version#v1.}"
     local tags=""
     if [ "$minor" -lt 33 ]; then tags="k8sold"; fi
+    if [ "$minor" -lt 34 ]; then tags="${tags:+$tags,}k8spre34"; fi
     local key
     key="$(cat "$here/$peer"/*.go "$0" | sha256sum | cut -c1-16)"
     local out="$cache/$version/$peer"
@@ -96,8 +97,11 @@ build_main() {  # name module@version package [replace-staging-of-kubernetes-ver
 for version in $versions; do
     build_peer devicemanager "$version"
 done
-# The kubelet's plugin manager and DRA manager (DRA GA, resource.k8s.io/v1): the newest only.
-build_peer drakubelet "${versions%% *}"
+# The kubelet's plugin manager and DRA manager: the newest (DRA GA, dra v1 and the health
+# stream) and 1.32 (DRA beta: dra v1beta1, resource.k8s.io/v1beta1).
+for version in "${versions%% *}" ${AIODP_E2E_DRA_OLD:-v1.32.13}; do
+    build_peer drakubelet "$version"
+done
 if [ -z "${AIODP_E2E_NO_APISERVER:-}" ]; then
     newest="${versions%% *}"
     build_main etcd "go.etcd.io/etcd/server/v3@${AIODP_E2E_ETCD:-v3.6.16}" go.etcd.io/etcd/server/v3

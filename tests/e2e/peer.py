@@ -120,16 +120,25 @@ async def device_manager(version: str, directory: Path) -> AsyncIterator[DeviceM
         yield dm
 
 
+def dra_versions() -> list[str]:
+    """The Kubernetes versions whose DRA kubelet driver was built, newest first."""
+    found = [p.parent.name for p in CACHE.glob("v1.*/drakubelet")]
+    if not found:
+        raise RuntimeError(f"no drakubelet under {CACHE}: run tests/e2e/build.sh")
+    return sorted(found, key=lambda v: [int(x) for x in v[1:].split(".")], reverse=True)
+
+
 class DraKubelet:
     """The kubelet's plugin manager and DRA manager in one Go driver process (built by
     tests/e2e/build.sh at the newest version); `call()` sends it one command."""
 
-    def __init__(self, registry: Path, state: Path, kubeconfig: Path, node: str) -> None:
-        found = sorted(CACHE.glob("v1.*/drakubelet"))
-        if not found:
-            raise RuntimeError(f"no drakubelet under {CACHE}: run tests/e2e/build.sh")
-        self.binary = found[-1]
-        self.version = self.binary.parent.name
+    def __init__(
+        self, version: str, registry: Path, state: Path, kubeconfig: Path, node: str
+    ) -> None:
+        self.binary = CACHE / version / "drakubelet"
+        if not self.binary.exists():
+            raise RuntimeError(f"no {self.binary}: run tests/e2e/build.sh")
+        self.version = version
         self.args = [str(registry), str(state), str(kubeconfig), node]
         self.log = state.parent / "drakubelet.log"
         self._proc: asyncio.subprocess.Process | None = None

@@ -32,10 +32,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/klog/v2"
-	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
-	draplugin "k8s.io/kubernetes/pkg/kubelet/cm/dra/plugin"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
+	"k8s.io/kubernetes/pkg/kubelet/pluginmanager/cache"
 )
 
 var kubernetesVersion = "unknown" // set by the build: -X main.kubernetesVersion=v1.x.y
@@ -56,7 +54,7 @@ type kubelet struct {
 	registry, state, node string
 	client                kubernetes.Interface
 	cancel                context.CancelFunc
-	manager               *dra.Manager
+	manager               manager // compat_new.go (1.34+) or compat_old.go (1.32, 1.33)
 	mu                    sync.Mutex
 	active                map[string]*v1.Pod // prepared and not unprepared: the kubelet's active pods
 }
@@ -71,36 +69,44 @@ func (k *kubelet) activePods() []*v1.Pod {
 	return out
 }
 
+// manager is the kubelet's DRA manager as this driver uses it, across its API changes.
+type manager interface {
+	handler() cache.PluginHandler
+	registered(driver string) error
+	PrepareResources(ctx context.Context, pod *v1.Pod) error
+	UnprepareResources(ctx context.Context, pod *v1.Pod) error
+	cdiDevices(pod *v1.Pod) ([]string, error)
+	health(pod *v1.Pod) (map[string]string, <-chan struct{}, error)
+	stop()
+}
+
 type allReady struct{}
 
 func (allReady) AddSource(string) {}
 func (allReady) AllReady() bool   { return true }
 
+func (k *kubelet) getNode(ctx context.Context) (*v1.Node, error) {
+	return k.client.CoreV1().Nodes().Get(ctx, k.node, metav1.GetOptions{})
+}
+
 func (k *kubelet) start() error {
 	ctx, cancel := context.WithCancel(context.Background())
-	manager, err := dra.NewManager(klog.Background(), k.client, k.state)
+	m, err := newManager(ctx, k)
 	if err != nil {
 		cancel()
 		return err
 	}
-	getNode := func(ctx context.Context) (*v1.Node, error) {
-		return k.client.CoreV1().Nodes().Get(ctx, k.node, metav1.GetOptions{})
-	}
-	if err := manager.Start(ctx, k.activePods, getNode, allReady{}); err != nil {
-		cancel()
-		return err
-	}
 	pm := pluginmanager.NewPluginManager(k.registry, record.NewFakeRecorder(100))
-	pm.AddHandler("DRAPlugin", manager.GetWatcherHandler())
-	go pm.Run(ctx, allReady{}, ctx.Done())
-	k.cancel, k.manager = cancel, manager
+	pm.AddHandler("DRAPlugin", m.handler())
+	go runPluginManager(ctx, pm)
+	k.cancel, k.manager = cancel, m
 	return nil
 }
 
 func (k *kubelet) stop() {
 	if k.cancel != nil {
 		k.cancel()
-		k.manager.Stop()
+		k.manager.stop()
 		k.cancel, k.manager = nil, nil
 	}
 }
@@ -128,15 +134,13 @@ func (k *kubelet) do(c command) reply {
 	defer cancel()
 	switch c.Op {
 	case "wait_registered":
-		handler := k.manager.GetWatcherHandler().(*draplugin.DRAPluginManager)
 		for {
-			if _, err := handler.GetPlugin(c.Driver); err == nil {
+			if err := k.manager.registered(c.Driver); err == nil {
 				return reply{"ok": true, "at_ns": time.Now().UnixNano()}
 			}
 			select {
 			case <-ctx.Done():
-				_, err := handler.GetPlugin(c.Driver)
-				return reply{"ok": false, "error": fmt.Sprint(err)}
+				return reply{"ok": false, "error": fmt.Sprint(k.manager.registered(c.Driver))}
 			case <-time.After(10 * time.Millisecond):
 			}
 		}
@@ -150,13 +154,9 @@ func (k *kubelet) do(c command) reply {
 			return reply{"ok": false, "error": err.Error()}
 		}
 		took := time.Since(start)
-		info, err := k.manager.GetResources(p, &p.Spec.Containers[0])
+		names, err := k.manager.cdiDevices(p)
 		if err != nil {
 			return reply{"ok": false, "error": err.Error()}
-		}
-		var names []string
-		for _, d := range info.CDIDevices {
-			names = append(names, d.Name)
 		}
 		sort.Strings(names)
 		return reply{"ok": true, "cdi_devices": names, "took_ns": took.Nanoseconds()}
@@ -171,13 +171,9 @@ func (k *kubelet) do(c command) reply {
 	case "health":
 		p := pod(c)
 		for {
-			status := v1.PodStatus{ContainerStatuses: []v1.ContainerStatus{{Name: "main"}}}
-			k.manager.UpdateAllocatedResourcesStatus(klog.Background(), p, &status)
-			health := map[string]string{}
-			for _, rs := range status.ContainerStatuses[0].AllocatedResourcesStatus {
-				for _, r := range rs.Resources {
-					health[string(r.ResourceID)] = string(r.Health)
-				}
+			health, updates, err := k.manager.health(p)
+			if err != nil {
+				return reply{"ok": false, "error": err.Error()}
 			}
 			for _, h := range health {
 				if h == c.Want {
@@ -187,7 +183,7 @@ func (k *kubelet) do(c command) reply {
 			select {
 			case <-ctx.Done():
 				return reply{"ok": false, "error": "timed out", "health": health}
-			case <-k.manager.Updates():
+			case <-updates:
 			case <-time.After(50 * time.Millisecond):
 			}
 		}
