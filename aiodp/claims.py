@@ -76,10 +76,9 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
-def _sharing(configs: Sequence[Any], driver: str, requests: set[str]) -> str:
-    """The claim's sharing strategy from its opaque config for our driver (default: none,
-    the GPU is exclusive to the claim). Raises ClaimError for what we cannot do."""
-    strategy = "none"
+def check_config(configs: Sequence[Any], driver: str, requests: set[str]) -> None:
+    """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing at the
+    Default interval (what a GPU does anyway) or no sharing; raises ClaimError otherwise."""
     for i, entry in enumerate(configs[:32]):
         opaque = _get(entry, "opaque")
         if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
@@ -109,7 +108,6 @@ def _sharing(configs: Sequence[Any], driver: str, requests: set[str]) -> str:
                     f"{where}.sharing.timeSlicingConfig.interval: aiodp does not change a "
                     f"GPU's time slice, so only Default is accepted, got {cut(interval)}"
                 )
-            strategy = "time-slicing"
         elif kind == "MPS":
             raise ClaimError(
                 f"{where}.sharing.strategy: MPS is not supported for DRA claims by aiodp "
@@ -117,7 +115,6 @@ def _sharing(configs: Sequence[Any], driver: str, requests: set[str]) -> str:
             )
         else:
             raise ClaimError(f"{where}.sharing.strategy: must be TimeSlicing, got {cut(kind)}")
-    return strategy
 
 
 def prepare(
@@ -171,7 +168,7 @@ def prepare(
         raise ClaimError(f"device(s) unhealthy since allocation: {brief(sick)}")
     configs = _get(claim, "status", "allocation", "devices", "config") or []
     requests = {req for _, reqs in chosen.values() for req in reqs}
-    _sharing(configs if isinstance(configs, list) else [], driver, requests)
+    check_config(configs if isinstance(configs, list) else [], driver, requests)
     kind = cdi_kind(driver)
     prepared = tuple(
         PreparedDevice(

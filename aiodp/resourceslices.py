@@ -25,8 +25,6 @@ from aiodp.errors import cut_text
 log = logging.getLogger(__name__)
 
 GROUP: Final = "resource.k8s.io"
-MAX_CLAIM_BYTES: Final = 1 << 20
-"""A ResourceClaim larger than this is refused (etcd's own object limit is 1.5 MiB)."""
 
 
 def _slice_kind(version: str) -> Any:
