@@ -32,12 +32,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiodp
 from aiodp import config as cfg
 from aiodp import (
-    dra,
     generations,
     health,
     metrics,
-    nodeconfig,
-    nodesignals,
     podresources,
     probes,
     reload,
@@ -47,12 +44,16 @@ from aiodp.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.config import Config
 from aiodp.devices import DeviceRegistry, Health
 from aiodp.errors import BackendUnavailable, ConfigError, ListenError
-from aiodp.nvml import NvmlBackend
 from aiodp.simulated import SimulatedBackend
 from aiodp.status import Status
 
+# Imported where they are used, not here (start-up time and RSS, make bench): the Kubernetes
+# API client (lightkube, httpx2, anyio: 6 MiB, ~60 ms) only with API work, and then after the
+# first registration unless the node's label must be read before it; NVML only without the
+# simulated backend; DRA only with --dra.
 if TYPE_CHECKING:
     from lightkube import AsyncClient
+
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ async def _node_label(config: Config) -> tuple[AsyncClient | None, str | None]:
     """With --config-dir: the API client (None without access) and the node's label now."""
     if config.config_dir is None or not config.node_name:
         return None, None
+    from aiodp import nodeconfig  # the label decides the first registration: needed now
+
     api = nodeconfig.client(config)
     if api is None:
         return None, None
@@ -211,6 +214,8 @@ async def _run(
 def _choose_backend(config: Config) -> DeviceBackend:
     if config.backend == "simulated" and config.simulated_devices is not None:
         return SimulatedBackend(config.simulated_devices, max_bytes=config.max_file_bytes)
+    from aiodp.nvml import NvmlBackend  # pynvml: 2 MiB a simulated node does not need
+
     return NvmlBackend(sys_root=config.sys_root, proc_root=config.proc_root)
 
 
@@ -226,7 +231,7 @@ async def _enter_backend(
     backend = given if given is not None else _choose_backend(config)
     if (
         given is None
-        and isinstance(backend, NvmlBackend)
+        and not isinstance(backend, SimulatedBackend)
         and config.backend == "auto"
         and config.simulated_devices is not None
     ):
@@ -344,22 +349,31 @@ def _device_metrics(
     return tasks
 
 
-def _node_signals(
-    config: Config,
-    api: AsyncClient | None,
-    registry: DeviceRegistry,
-    stack: contextlib.AsyncExitStack,
-) -> list[tuple[str, Coroutine[Any, Any, NoReturn]]]:
-    """The node condition and Events on GPU faults; nothing (one line) without API access."""
+async def _node_signals(
+    config: Config, api: AsyncClient | None, registry: DeviceRegistry, status: Status
+) -> NoReturn:
+    """The node condition and Events on GPU faults, once the plugin has registered (or
+    --stream-open-timeout has passed): the API client's import and first call stay off the
+    start-up path. Without API access: one line, and nothing more to do."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(config.stream_open_timeout):
+            await status.ready.wait()
+    from aiodp import nodeconfig, nodesignals  # lightkube: after registration (start-up time)
+
+    own = api is None
     if api is None:
         api = nodeconfig.client(config, without="GPU faults reach no node condition or Event")
-        if api is None:
-            return []
-        stack.push_async_callback(api.close)
-    signals = nodesignals.NodeSignals(
-        api, config.node_name, nodesignals.boot_id(config.proc_root), config.api_timeout
-    )
-    return [("node-signals", nodesignals.run(signals, registry))]
+    if api is None:
+        await asyncio.Event().wait()  # nothing to signal with; the task tree keeps its shape
+    assert api is not None
+    try:
+        signals = nodesignals.NodeSignals(
+            api, config.node_name, nodesignals.boot_id(config.proc_root), config.api_timeout
+        )
+        await nodesignals.run(signals, registry)
+    finally:
+        if own:
+            await api.close()
 
 
 def _dra(
@@ -371,6 +385,8 @@ def _dra(
     stack: contextlib.AsyncExitStack,
 ) -> Coroutine[Any, Any, NoReturn]:
     """The DRA driver's task, with its own API client where the node-label one is absent."""
+    from aiodp import dra, nodeconfig  # DRA and its API client: only with --dra
+
     if api is None and config.node_name:
         api = nodeconfig.client(config, without="no ResourceSlices are published")
         if api is not None:
@@ -448,8 +464,10 @@ async def _serve(
                 ("simulated-watch", reload.run_simulated_watch(backend, reloader, health_wake))
             )
         if config.node_signals and config.node_name:
-            tasks += _node_signals(config, api, registry, stack)
+            tasks.append(("node-signals", _node_signals(config, api, registry, status)))
         if api is not None:
+            from aiodp import nodeconfig  # imported already: the label was read at start
+
             watch_label = nodeconfig.run_label_watch(api, config, label, reloader.select_config)
             tasks.append(("node-label-watch", watch_label))
         if config.dra:

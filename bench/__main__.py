@@ -336,6 +336,7 @@ def main() -> None:
     print(f"  plugin RSS: {r['rss']:.1f} MiB")
     main_gpu_metrics()
     main_dra()
+    main_startup()
 
 
 def bench_dra(rounds: int = 40) -> dict[str, tuple[float, float]]:
@@ -533,3 +534,114 @@ def main_gpu_metrics() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def bench_startup(runs: int = 10) -> dict[str, object]:
+    """`python -m aiodp serve` (simulated 8 GPUs) from exec to the kubelet stand-in's
+    Register handler done (it has dialed back); RSS right after; the import profile of one
+    start (-X importtime)."""
+    import asyncio
+    import signal
+
+    from aiodp.fakekubelet import FakeKubelet
+    from aiodp.testbed import h100_node
+
+    async def once(trace: bool) -> tuple[float, float, str]:
+        directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+        node = directory / "devices.yaml"
+        node.write_text(h100_node())
+        async with FakeKubelet(directory) as kubelet:
+            argv = [sys.executable, *(["-X", "importtime"] if trace else []), "-m", "aiodp",
+                    "serve", "--backend", "simulated", "--simulated-devices", str(node),
+                    "--kubelet-socket", str(directory / "kubelet.sock"),
+                    "--metrics-address", "", "--pod-resources-socket", ""]  # fmt: skip
+            t = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+                env={**os.environ, "AIODP_LOG_LEVEL": "warning"},
+            )  # fmt: skip
+            async with asyncio.timeout(30):
+                await kubelet.registrations.get()
+            took = time.perf_counter() - t
+            rss = rss_mib(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            _, err = await proc.communicate()
+        return took, rss, err.decode(errors="replace")
+
+    async def run() -> dict[str, object]:
+        await once(False)  # warm the page cache
+        samples = [await once(False) for _ in range(runs)]
+        _, _, trace = await once(True)
+        return {"starts": [s[0] for s in samples], "rss": [s[1] for s in samples],
+                "imports": import_profile(trace)}  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def import_profile(trace: str, top: int = 10) -> list[tuple[str, float, float]]:
+    """(module, self ms, cumulative ms) of the top-level imports of a -X importtime trace,
+    largest cumulative first."""
+    rows = []
+    for line in trace.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        head, cum, name = line[len("import time:") :].split("|")
+        if not head.strip().isdigit():
+            continue
+        depth = (len(name) - len(name.lstrip())) // 2
+        if depth <= 1:  # the modules a start asks for itself (name has one leading space)
+            rows.append((name.strip(), int(head) / 1e3, int(cum) / 1e3))
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
+RSS_STEPS = (
+    ("interpreter", ""),
+    ("asyncio (loads ssl)", "import asyncio"),
+    ("uvloop", "import uvloop"),
+    ("betterproto2", "import betterproto2"),
+    ("grpclib (+ h2, hpack)", "import grpclib.server, grpclib.client"),
+    ("the generated messages", "import aiodp.api.v1beta1"),
+    ("yaml", "import yaml"),
+    ("pynvml", "import pynvml"),
+    ("prometheus_client", "import prometheus_client"),
+    ("lightkube (+ httpx2, anyio)", "import lightkube"),
+    ("aiodp (app and the rest)", "import aiodp.app, aiodp.__main__"),
+)
+
+
+def bench_rss_by_component() -> list[tuple[str, float]]:
+    """RSS added by each import, in the order a start imports them (one process)."""
+    script = "\n".join(
+        ["import sys", "def rss():",
+         "    for l in open('/proc/self/status'):",
+         "        if l.startswith('VmRSS:'): return int(l.split()[1]) / 1024"]
+        + [f"{code}\nprint({name!r}, rss(), flush=True)" for name, code in RSS_STEPS]
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    rows, last = [], 0.0
+    for line in out.splitlines():
+        name, _, value = line.rpartition(" ")
+        rss = float(value)
+        rows.append((name.strip("'"), rss - last if last else rss))
+        last = rss
+    return rows
+
+
+def main_startup() -> None:
+    r = bench_startup()
+    starts = sorted(r["starts"])  # type: ignore[call-overload]
+    rss = r["rss"]
+    print("\nStart-up: `python -m aiodp serve` (simulated 8 GPUs), exec -> Register done "
+          f"({len(starts)} starts)")  # fmt: skip
+    print(f"  median {statistics.median(starts) * 1e3:.0f} ms, min {starts[0] * 1e3:.0f} ms, "
+          f"max {starts[-1] * 1e3:.0f} ms (target <= 200 ms); RSS after start "
+          f"{statistics.median(rss):.1f} MiB (target <= 32 MiB)")  # type: ignore[arg-type]  # fmt: skip
+    print("  imports of one start (-X importtime), the 10 largest of the top level:")
+    print(f"    {'module':<34} {'self ms':>8} {'cumulative ms':>14}")
+    for name, own, cum in r["imports"]:  # type: ignore[attr-defined]
+        print(f"    {name:<34} {own:>8.1f} {cum:>14.1f}")
+    print("  RSS by component (each import's addition, in start order):")
+    for name, mib in bench_rss_by_component():
+        print(f"    {name:<34} {mib:>6.1f} MiB")
