@@ -18,6 +18,8 @@ from typing import Final
 from aiodp.errors import InvalidRequest
 
 NVLINK_SCORE: Final = 100
+MAX_ANSWERS: Final = 256
+"""Answers `preferred` keeps per topology (a few KiB)."""
 PCIE_SCORES: Final[Mapping[str, int]] = {
     "board": 60,
     "single-switch": 50,
@@ -37,9 +39,25 @@ class Topology:
     scores: Mapping[frozenset[str], int] = field(default_factory=dict)
     nvlinks: Mapping[frozenset[str], int] = field(default_factory=dict)
     """NVLink count of each linked GPU pair (what DRA's NVLink islands are made of)."""
+    _pairs: dict[str, dict[str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """`scores` as a nested dict: a lookup without building a frozenset per pair (the
+    search asks ~100 times per call)."""
+    _answers: dict[tuple[frozenset[str], tuple[str, ...], int], list[str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """`preferred`'s answers by question, at most MAX_ANSWERS: the kubelet asks the same
+    questions again and again, and the topology never changes under them."""
+
+    def __post_init__(self) -> None:
+        for pair, value in self.scores.items():
+            a, b = tuple(pair)
+            self._pairs.setdefault(a, {})[b] = value
+            self._pairs.setdefault(b, {})[a] = value
 
     def score(self, a: str, b: str) -> int:
-        return self.scores.get(frozenset((a, b)), 0)
+        return self._pairs.get(a, {}).get(b, 0)
 
     def set_score(self, ids: Collection[str]) -> int:
         items = sorted(ids)
@@ -92,6 +110,10 @@ def preferred(
     avail = set(available)
     must = set(must_include)
     _check(avail, must, size)
+    question = (frozenset(avail), tuple(sorted(must)), size)
+    known = topo._answers.get(question)
+    if known is not None:
+        return list(known)
 
     def key(u: str) -> tuple[int, str]:
         return (topo.order.get(u, 1 << 30), u)
@@ -100,10 +122,15 @@ def preferred(
     fixed = sorted(must, key=key)
     need = size - len(fixed)
     if need == 0:
-        return fixed
-    if need == len(cands):
-        return sorted(fixed + cands, key=key)
-    return sorted(fixed + _search(cands, fixed, need, sorted(avail, key=key), topo), key=key)
+        answer = fixed
+    elif need == len(cands):
+        answer = sorted(fixed + cands, key=key)
+    else:
+        answer = sorted(fixed + _search(cands, fixed, need, sorted(avail, key=key), topo), key=key)
+    if len(topo._answers) >= MAX_ANSWERS:
+        topo._answers.pop(next(iter(topo._answers)))  # the oldest question goes
+    topo._answers[question] = answer
+    return list(answer)
 
 
 def preferred_grouped(

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 from aiodp import topology
 
@@ -88,14 +89,16 @@ def grpcio_stubs() -> tuple[object, object]:
     return api_pb2, api_pb2_grpc
 
 
-def start(kind: str, directory: Path) -> tuple[subprocess.Popen[str], str, str]:
+def start(
+    kind: str, directory: Path, log_level: str = "warning"
+) -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.server", kind, str(directory)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "AIODP_LOG_LEVEL": "warning"},
+        env={**os.environ, "AIODP_LOG_LEVEL": log_level},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
@@ -336,7 +339,62 @@ def main() -> None:
     print(f"  plugin RSS: {r['rss']:.1f} MiB")
     main_gpu_metrics()
     main_dra()
-    main_startup()
+    startup = main_startup()
+    profile = main_profile()
+    soak = bench_soak()
+    print("\nRSS of the plugin process (8 simulated GPUs): must stay flat")
+    for label, mib in soak:
+        print(f"  {label:<34} {mib:>6.1f} MiB")
+    main_targets(startup, res, r, profile)
+
+
+BEFORE: Final = {
+    "start": 254.0,
+    "rss": 44.0,
+    "rss_1024": 45.6,
+    "allocate_x_floor": 1.12,
+    "preferred_share": 22.2,
+    "allocate_share": 8.2,
+}
+"""Issue #15's figures at commit 29e3bf8 (DRA done, before the start-up and per-call work),
+measured here by this same bench."""
+
+
+def main_profile() -> dict[str, dict[str, float]]:
+    profile = bench_call_profile()
+    print("\nPer call, inside the plugin (cProfile own time while it answers 3,000 calls; "
+          "cProfile slows every function, so read the shares, not the times)")  # fmt: skip
+    print(f"  {'method':<24} " + " ".join(f"{p:>24}" for p in CALL_PARTS))
+    for method, parts in profile.items():
+        print(f"  {method:<24} " + " ".join(f"{parts[p]:>23.1f}%" for p in CALL_PARTS))
+    return profile
+
+
+def main_targets(
+    startup: dict[str, object],
+    allocate: dict[str, tuple[float, float]],
+    replicas: dict[str, float],
+    profile: dict[str, dict[str, float]],
+) -> None:
+    start_ms = statistics.median(startup["starts"]) * 1e3  # type: ignore[arg-type]
+    rss = statistics.median(startup["rss"])  # type: ignore[arg-type]
+    rows = [
+        ("start -> registered, median", f"{BEFORE['start']:.0f} ms", f"{start_ms:.0f} ms",
+         "<= 200 ms"),
+        ("RSS after start, 8 GPUs", f"{BEFORE['rss']:.1f} MiB", f"{rss:.1f} MiB", "<= 32 MiB"),
+        ("RSS, 1,024 replicas", f"{BEFORE['rss_1024']:.1f} MiB", f"{replicas['rss']:.1f} MiB",
+         "<= 50 MiB"),
+        ("Allocate, x the bare grpclib floor", f"{BEFORE['allocate_x_floor']:.2f}",
+         f"{allocate['plugin'][0] / allocate['floor'][0]:.2f}", "<= 1.10"),
+        ("Allocate: aiodp's share of its time", f"{BEFORE['allocate_share']:.1f} %",
+         f"{profile['Allocate']['aiodp']:.1f} %", "-"),
+        ("GetPreferredAllocation: aiodp's share", f"{BEFORE['preferred_share']:.1f} %",
+         f"{profile['GetPreferredAllocation']['aiodp']:.1f} %", "-"),
+    ]  # fmt: skip
+    print("\nIssue #15's targets: before (commit 29e3bf8) and now")
+    print(f"  {'figure':<40} {'before':>10} {'now':>10} {'target':>10}")
+    for name, before, now, target in rows:
+        print(f"  {name:<40} {before:>10} {now:>10} {target:>10}")
 
 
 def bench_dra(rounds: int = 40) -> dict[str, tuple[float, float]]:
@@ -532,8 +590,102 @@ def main_gpu_metrics() -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
+CALL_PARTS = ("aiodp", "betterproto2 + messages", "grpclib", "h2 + HPACK", "loop and the rest")
+
+
+def _part(filename: str) -> str:
+    if "/aiodp/api/" in filename or "/betterproto2/" in filename:
+        return "betterproto2 + messages"
+    if "/aiodp/" in filename:
+        return "aiodp"
+    if "/grpclib/" in filename:
+        return "grpclib"
+    if any(p in filename for p in ("/h2/", "/hpack/", "/hyperframe/")):
+        return "h2 + HPACK"
+    return "loop and the rest"
+
+
+def bench_call_profile(calls: int = 3000) -> dict[str, dict[str, float]]:
+    """cProfile of the plugin process while it answers `calls` Allocate, then (another
+    process) `calls` GetPreferredAllocation: own time by part, in % (the grpcio client is
+    another process and not in it)."""
+    import pstats
+
+    import grpc
+
+    api_pb2, api_pb2_grpc = grpcio_stubs()
+    ids = [f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}" for i in range(8)]
+    requests: dict[str, Callable[[Any], object]] = {
+        "Allocate": lambda stub: stub.Allocate(
+            api_pb2.AllocateRequest(  # type: ignore[attr-defined]
+                container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids[:1])]  # type: ignore[attr-defined]
+            ),
+            timeout=5,
+        ),
+        "GetPreferredAllocation": lambda stub: stub.GetPreferredAllocation(
+            api_pb2.PreferredAllocationRequest(  # type: ignore[attr-defined]
+                container_requests=[
+                    api_pb2.ContainerPreferredAllocationRequest(  # type: ignore[attr-defined]
+                        available_deviceIDs=ids, allocation_size=4
+                    )
+                ]
+            ),
+            timeout=5,
+        ),
+    }
+    out = {}
+    for method, call in requests.items():
+        directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+        proc, path, _ = start("profile", directory)
+        try:
+            with grpc.insecure_channel(f"unix://{path}") as channel:
+                stub = api_pb2_grpc.DevicePluginStub(channel)  # type: ignore[attr-defined]
+                for _ in range(calls):
+                    call(stub)
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        stats_ = pstats.Stats(str(directory / "calls.pstats"))
+        parts = dict.fromkeys(CALL_PARTS, 0.0)
+        for (filename, _, _), row in stats_.stats.items():  # type: ignore[attr-defined]
+            parts[_part(filename)] += row[2]  # own time (tottime)
+        total = sum(parts.values()) or 1.0
+        out[method] = {k: 100 * v / total for k, v in parts.items()} | {
+            "us_per_call": 1e6 * total / calls
+        }
+    return out
+
+
+def bench_soak(calls: int = 10_000, flips: int = 1_000) -> list[tuple[str, float]]:
+    """The plugin process's RSS after start, after `calls` Allocate, after `flips` health
+    flips (each seen on the kubelet stand-in's stream): it must stay flat."""
+    import grpc
+
+    api_pb2, api_pb2_grpc = grpcio_stubs()
+    directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
+    proc, path, _ = start("soak", directory, log_level="error")  # flips log a WARNING each
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    rows = [("after start", rss_mib(proc.pid))]
+    try:
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            allocate = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
+            request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
+                container_requests=[api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
+                    devices_ids=["GPU-00000000-aiod-4d3e-8f00-00005eed0000"])]
+            )  # fmt: skip
+            for _ in range(calls):
+                allocate(request, timeout=5)
+        rows.append((f"after {calls:,} Allocate calls", rss_mib(proc.pid)))
+        proc.stdin.write(f"flip {flips}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "DONE"
+        rows.append((f"after {flips:,} health flips", rss_mib(proc.pid)))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    return rows
 
 
 def bench_startup(runs: int = 10) -> dict[str, object]:
@@ -629,7 +781,7 @@ def bench_rss_by_component() -> list[tuple[str, float]]:
     return rows
 
 
-def main_startup() -> None:
+def main_startup() -> dict[str, object]:
     r = bench_startup()
     starts = sorted(r["starts"])  # type: ignore[call-overload]
     rss = r["rss"]
@@ -645,3 +797,8 @@ def main_startup() -> None:
     print("  RSS by component (each import's addition, in start order):")
     for name, mib in bench_rss_by_component():
         print(f"    {name:<34} {mib:>6.1f} MiB")
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,8 @@ Prints `READY <socket path>` and serves until stdin closes.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from aiodp import config as cfg
 from aiodp.api import v1beta1 as api
 from aiodp.fakekubelet import FakeKubelet
 from aiodp.status import Status
-from aiodp.testbed import h100_node
+from aiodp.testbed import h100_node, next_update, write_atomically
 
 FIXED = api.AllocateResponse(
     container_responses=[
@@ -55,7 +57,26 @@ REPLICAS_128 = (
 )
 
 
-async def serve_plugin(directory: Path, replicas: bool = False) -> None:
+async def flips(kubelet: FakeKubelet, devices: Path) -> None:
+    """Answer `flip N` lines on stdin: N health flips of GPU 3 through the simulated file,
+    each awaited on the kubelet stand-in's stream; then `DONE`. Ends when stdin closes."""
+    loop = asyncio.get_running_loop()
+    uuid = "GPU-00000003-aiod-4d3e-8f00-00005eed0003"
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        for i in range(int(line.split()[1])):
+            sick = i % 2 == 0
+            write_atomically(devices, h100_node(unhealthy={3: "XID 79"} if sick else {}))
+            want = "Unhealthy" if sick else "Healthy"
+            await next_update(
+                kubelet,
+                lambda u, w=want: any(d.id == uuid and d.health == w for d in u.devices),  # type: ignore[misc]
+            )
+        print("DONE", flush=True)
+
+
+async def serve_plugin(
+    directory: Path, replicas: bool = False, profile: bool = False, soak: bool = False
+) -> None:
     devices = directory / "devices.yaml"
     devices.write_text(h100_node())
     explicit: dict[str, object] = {
@@ -77,17 +98,36 @@ async def serve_plugin(directory: Path, replicas: bool = False) -> None:
         await kubelet.updates.get()
         assert status.endpoint is not None
         print(f"READY {config.socket_path('nvidia.com/gpu')} {status.endpoint.address}", flush=True)
-        await stdin_closed()
+        if soak:
+            await flips(kubelet, devices)
+        elif profile:  # the calls made until stdin closes, function by function
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await stdin_closed()
+            profiler.disable()
+            profiler.dump_stats(str(directory / "calls.pstats"))
+        else:
+            await stdin_closed()
         stop.set()
         await task
 
 
 def main() -> None:
     kind, directory = sys.argv[1], Path(sys.argv[2])
+    logging.basicConfig(level=os.environ.get("AIODP_LOG_LEVEL", "warning").upper())
     if kind == "floor":
         uvloop.run(serve_floor(directory))
     else:
-        uvloop.run(serve_plugin(directory, replicas=kind == "plugin-1024"))
+        uvloop.run(
+            serve_plugin(
+                directory,
+                replicas=kind == "plugin-1024",
+                profile=kind == "profile",
+                soak=kind == "soak",
+            )
+        )
 
 
 if __name__ == "__main__":
