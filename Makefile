@@ -87,7 +87,7 @@ proto-check: $(STAMP) ## fail when aiodp/api/, aiodp/podresapi/ or aiodp/draapi/
 	echo "proto-check: aiodp/api, aiodp/podresapi and aiodp/draapi are up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-bench: $(STAMP) ## tables: preferred allocation, Allocate vs the transport floor, /metrics cost, 1,024 replicas
+bench: $(STAMP) ## tables: preferred allocation, Allocate vs the floor, /metrics, 1,024 replicas, DRA, start-up, RSS, per-call profile
 	$(BIN)/python -m bench
 
 wheels: $(STAMP) ## download what gpu-check installs (CPython 3.12, x86-64) into wheelhouse/
