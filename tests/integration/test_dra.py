@@ -372,3 +372,33 @@ async def test_dra_refuses_oversized_requests_with_invalid_argument(short_dir: P
                 dra_pb.NodeUnprepareResourcesRequest(claims=[ref("u1")])
             )
             assert done.claims["u1"].error == ""
+
+
+async def test_dra_without_device_taints_on_the_server_says_so_once(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeApi(NODE) as api, running(short_dir, **dra_options(short_dir, api)) as rp:
+        api.keep_taints = False  # a server without DRADeviceTaints drops the field
+        await register(rp)
+        await api.wait_slices(lambda s: len(published(s)) == 4)
+        write_atomically(rp.devices_file, h100_node(unhealthy={5: "XID 79"}))
+        await rp.state.wait_for(lambda: "drops DeviceTaints" in caplog.text)
+        write_atomically(rp.devices_file, h100_node(unhealthy={5: "XID 79", 6: "XID 48"}))
+        async with channel(rp.config.dra_socket) as ch:  # health still on the stream
+            stream = dra_grpc_health(ch)
+            first = await stream.read()
+            sick = {d.device.device_name for d in first.devices if d.health == health_pb.UNHEALTHY}
+            if sick != {"gpu-5", "gpu-6"}:
+                second = await stream.read()
+                sick = {
+                    d.device.device_name for d in second.devices if d.health != health_pb.HEALTHY
+                }
+            assert sick == {"gpu-5", "gpu-6"}
+            stream.cancel()
+    assert caplog.text.count("drops DeviceTaints") == 1
+
+
+def dra_grpc_health(ch: grpc.aio.Channel) -> Any:
+    return health_grpc.DRAResourceHealthStub(ch).NodeWatchResources(
+        health_pb.NodeWatchResourcesRequest()
+    )
