@@ -30,6 +30,18 @@ def _binary(name: str) -> Path:
     return found[-1]
 
 
+async def stop(proc: asyncio.subprocess.Process, within: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `within` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        async with asyncio.timeout(within):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,14 +111,7 @@ class ApiServer:
 
     async def __aexit__(self, *exc: object) -> None:
         for proc in reversed(self._procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            await stop(proc)
 
     async def _spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
         with (self.directory / f"{name}.log").open("wb") as log:  # the child keeps its own fd
@@ -175,13 +180,5 @@ class Scheduler:
 
     async def __aexit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop(proc)

@@ -35,33 +35,14 @@ class DriverError(RuntimeError):
     pass
 
 
-class DeviceManager:
-    """One driver process; `restart()` stops and starts the device manager in it (a kubelet
-    restart with a clean Stop), `kill()` ends the process and starts another (a crash)."""
+class LineDriver:
+    """A Go driver process spoken to in JSON lines: one command in, one answer out."""
 
-    def __init__(self, version: str, directory: Path) -> None:
-        self.version = version
-        self.directory = directory
-        self.binary = CACHE / version / "devicemanager"
+    log: Path
+    """Where the driver's stderr goes (quoted when it exits)."""
+
+    def __init__(self) -> None:
         self._proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> DeviceManager:
-        await self.spawn()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.terminate()
-
-    async def spawn(self) -> None:
-        script = f'mkdir -p {KUBELET_DIR} && mount --bind "$0" {KUBELET_DIR} && exec "$1" 2>"$2"'
-        self._proc = await asyncio.create_subprocess_exec(
-            "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-            str(self.directory), str(self.binary), str(self.directory.parent / "driver.log"),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        hello = await self._read()
-        if hello.get("kubernetes") != self.version:
-            raise DriverError(f"unexpected driver greeting: {hello}")
 
     async def terminate(self) -> None:
         proc, self._proc = self._proc, None
@@ -77,20 +58,52 @@ class DeviceManager:
         async with asyncio.timeout(within):
             line = await self._proc.stdout.readline()
         if not line:
-            log = (self.directory.parent / "driver.log").read_text(errors="replace")[-2000:]
-            raise DriverError(f"the driver exited; its log ends:\n{log}")
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise DriverError(f"the driver exited; its log ends:\n{tail}")
         reply: dict[str, Any] = json.loads(line)
         return reply
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one command; its answer, or DriverError. The driver's own deadline is
+        `timeout` (30 s when absent); we wait 30 s more."""
         assert self._proc is not None
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
         await self._proc.stdin.drain()
-        reply = await self._read(within=float(args.get("timeout", 0)) + 30)
+        reply = await self._read(within=float(args.get("timeout") or 30) + 30)
         if not reply.get("ok"):
             raise DriverError(f"{op} {args}: {reply}")
         return reply
+
+
+class DeviceManager(LineDriver):
+    """One driver process; `restart()` stops and starts the device manager in it (a kubelet
+    restart with a clean Stop), `kill()` ends the process and starts another (a crash)."""
+
+    def __init__(self, version: str, directory: Path) -> None:
+        super().__init__()
+        self.version = version
+        self.directory = directory
+        self.binary = CACHE / version / "devicemanager"
+        self.log = directory.parent / "driver.log"
+
+    async def __aenter__(self) -> DeviceManager:
+        await self.spawn()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.terminate()
+
+    async def spawn(self) -> None:
+        script = f'mkdir -p {KUBELET_DIR} && mount --bind "$0" {KUBELET_DIR} && exec "$1" 2>"$2"'
+        self._proc = await asyncio.create_subprocess_exec(
+            "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            str(self.directory), str(self.binary), str(self.log),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        hello = await self._read()
+        if hello.get("kubernetes") != self.version:
+            raise DriverError(f"unexpected driver greeting: {hello}")
 
     async def start(self) -> float:
         """Start the device manager; returns when it started (wall clock, seconds)."""
@@ -128,20 +141,20 @@ def dra_versions() -> list[str]:
     return sorted(found, key=lambda v: [int(x) for x in v[1:].split(".")], reverse=True)
 
 
-class DraKubelet:
+class DraKubelet(LineDriver):
     """The kubelet's plugin manager and DRA manager in one Go driver process (built by
-    tests/e2e/build.sh at the newest version); `call()` sends it one command."""
+    tests/e2e/build.sh); `call()` sends it one command."""
 
     def __init__(
         self, version: str, registry: Path, state: Path, kubeconfig: Path, node: str
     ) -> None:
+        super().__init__()
         self.binary = CACHE / version / "drakubelet"
         if not self.binary.exists():
             raise RuntimeError(f"no {self.binary}: run tests/e2e/build.sh")
         self.version = version
         self.args = [str(registry), str(state), str(kubeconfig), node]
         self.log = state.parent / "drakubelet.log"
-        self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> DraKubelet:
         with self.log.open("wb") as log:
@@ -155,29 +168,4 @@ class DraKubelet:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-
-    async def _read(self, within: float) -> dict[str, Any]:
-        assert self._proc is not None
-        assert self._proc.stdout is not None
-        async with asyncio.timeout(within):
-            line = await self._proc.stdout.readline()
-        if not line:
-            raise DriverError(f"drakubelet exited; its log ends:\n{self.log.read_text()[-2000:]}")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    async def call(self, op: str, **args: Any) -> dict[str, Any]:
-        assert self._proc is not None
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
-        await self._proc.stdin.drain()
-        reply = await self._read(float(args.get("timeout", 30)) + 30)
-        if not reply.get("ok"):
-            raise DriverError(f"{op} {args}: {reply}")
-        return reply
+        await self.terminate()
