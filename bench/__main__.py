@@ -781,6 +781,43 @@ def bench_rss_by_component() -> list[tuple[str, float]]:
     return rows
 
 
+UPSTREAM_VERSION_STUB = """
+import sys, time, types
+t = time.perf_counter()
+if STUB:  # betterproto2 with a static version string: the upstream change, tried here
+    m = types.ModuleType("betterproto2._version")
+    m.__version__ = "0.10.0"
+    m.check_compiler_version = lambda version: None
+    sys.modules["betterproto2._version"] = m
+import asyncio, uvloop, betterproto2, aiodp.api.v1beta1
+took = time.perf_counter() - t
+rss = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]
+print(took * 1e3, int(rss) / 1024, "importlib.metadata" in sys.modules)
+"""
+
+
+def bench_upstream_version(runs: int = 7) -> dict[bool, tuple[float, float, bool]]:
+    """asyncio, uvloop, betterproto2 and our messages imported in a fresh process, as
+    betterproto2 is (its _version imports importlib.metadata to read its own version) and
+    with that module replaced by a static string (an experiment, never done in aiodp):
+    median import ms, RSS MiB, and whether importlib.metadata got loaded."""
+    out = {}
+    for stub in (False, True):
+        rows = []
+        for _ in range(runs):
+            text = subprocess.run(
+                [sys.executable, "-c", UPSTREAM_VERSION_STUB.replace("STUB", str(stub))],
+                capture_output=True, text=True, cwd=ROOT, check=True,
+            ).stdout.split()  # fmt: skip
+            rows.append((float(text[0]), float(text[1]), text[2] == "True"))
+        out[stub] = (
+            statistics.median(r[0] for r in rows),
+            statistics.median(r[1] for r in rows),
+            rows[0][2],
+        )
+    return out
+
+
 def main_startup() -> dict[str, object]:
     r = bench_startup()
     starts = sorted(r["starts"])  # type: ignore[call-overload]
@@ -797,6 +834,12 @@ def main_startup() -> dict[str, object]:
     print("  RSS by component (each import's addition, in start order):")
     for name, mib in bench_rss_by_component():
         print(f"    {name:<34} {mib:>6.1f} MiB")
+    u = bench_upstream_version()
+    print("  upstream: betterproto2 reads its own version with importlib.metadata (asyncio, "
+          "uvloop, betterproto2 and the messages, fresh process, median of 7):")  # fmt: skip
+    for stub, label in ((False, "as released"), (True, "with a static version (experiment)")):
+        ms, mib, meta = u[stub]
+        print(f"    {label:<36} {ms:>6.1f} ms {mib:>6.1f} MiB  importlib.metadata loaded: {meta}")
     return r
 
 
