@@ -89,14 +89,17 @@ def table(doc: dict[str, Any]) -> str:
         drivers = f"DRA driver {dra['driver']}"
         lines.append(f"{drivers:<32} {'yes' if dra['registered'] else 'no':<10} "
                      f"{'-':<26} {dra.get('error') or '-'}")  # fmt: skip
-    lines += ["", f"{'DEVICE':<44} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
-              f"{'UTIL':>5} {'POWER':>6} {'TEMP':>5} {'REASON':<24} POD"]  # fmt: skip
+    head = (f"{'DEVICE':<44} {'API':<6} {'HEALTH':<10} {'SINCE':<26} {'NUMA':<5} {'NVLINK':<16} "
+            f"{'UTIL':>5} {'POWER':>6} {'TEMP':>5} {'REASON':<24} POD")  # fmt: skip
+    lines += ["", head]
     for d in doc.get("devices", []):
         peers = ",".join(f"{k}x{v}" for k, v in d["nvlink_peers"].items()) or "-"
         numa = "-" if d["numa"] is None else str(d["numa"])
+        api = "dra" if str(d.get("resource", "")).startswith("dra:") else "plugin"
         lines.append(
-            f"{d['id']:<44} {d['health']:<10} {d['since'] or '-':<26} {numa:<5} {peers:<16} "
-            f"{_live(d.get('metrics') or {})} {d['reason'] or '-':<24} {d['pod'] or '-'}"
+            f"{d['id']:<44} {api:<6} {d['health']:<10} {d['since'] or '-':<26} {numa:<5} "
+            f"{peers:<16} {_live(d.get('metrics') or {})} {d['reason'] or '-':<24} "
+            f"{d['pod'] or '-'}"
         )
     changed = {k: v for k, v in doc.get("config", {}).items() if v["source"] != "default"}
     lines += ["", "SETTINGS NOT AT DEFAULT"]

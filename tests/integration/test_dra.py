@@ -106,8 +106,12 @@ async def test_dra_end_to_end_through_the_fakes(short_dir: Path) -> None:
         )
         await rp.ready.wait()  # the device plugin and the DRA driver are both registered
         assert rp.state.readiness() is None
-        row = next(r for r in statuscli.table(rp.state.snapshot()).splitlines() if "DRA" in r)
+        table = statuscli.table(rp.state.snapshot()).splitlines()
+        row = next(r for r in table if "DRA" in r)
         assert row.split()[:4] == ["DRA", "driver", DRIVER, "yes"]
+        apis = {r.split()[0]: r.split()[1] for r in table if r.startswith("GPU-")}
+        assert apis[uuid(4)] == "dra"
+        assert apis[uuid(0)] == "plugin"
 
         # one GPU, one API: the device plugin lists GPUs 0-3, DRA publishes 4-7
         await next_update(rp.k, lambda u: bool(u.devices))
