@@ -15,7 +15,9 @@ main(config)
          ├─ health-events   health.run_health_events: XIDs -> registry
          ├─ config-watch    reload.run_config_watch (with a config file)
          ├─ simulated-watch reload.run_simulated_watch (simulated backend)
-         └─ node-label-watch nodeconfig.run_label_watch (with --config-dir and API access)
+         ├─ node-label-watch nodeconfig.run_label_watch (with --config-dir and API access)
+         ├─ node-signals    nodesignals.run, after the first registration (with NODE_NAME)
+         └─ dra             dra.run_dra (with --dra): its sockets, slices and claims
 """
 
 from __future__ import annotations
