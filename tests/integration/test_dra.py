@@ -81,6 +81,21 @@ async def channel(path: Path) -> AsyncIterator[grpc.aio.Channel]:
         yield ch
 
 
+async def prepare(rp: Running, *uids: str) -> Any:
+    """NodePrepareResources (dra v1) for these claims, over a connection of its own."""
+    async with channel(rp.config.dra_socket) as ch:
+        return await dra_grpc.DRAPluginStub(ch).NodePrepareResources(
+            dra_pb.NodePrepareResourcesRequest(claims=[ref(u) for u in uids])
+        )
+
+
+async def unprepare(rp: Running, *uids: str) -> Any:
+    async with channel(rp.config.dra_socket) as ch:
+        return await dra_grpc.DRAPluginStub(ch).NodeUnprepareResources(
+            dra_pb.NodeUnprepareResourcesRequest(claims=[ref(u) for u in uids])
+        )
+
+
 async def register(rp: Running) -> Any:
     """What the kubelet's plugin watcher does: GetInfo, then say it registered us."""
     await rp.state.wait_for(lambda: rp.state.dra_binds >= 1)
@@ -194,11 +209,7 @@ async def test_dra_end_to_end_through_the_fakes(short_dir: Path) -> None:
         await api.put_claim(claim("uid-sliced", [(NODE, "gpu-7")], sliced))
         uids = ["uid-sick", "uid-foreign", "uid-unknown", "uid-config", "uid-mps", "uid-missing",
                 "uid-sliced"]  # fmt: skip
-        async with channel(rp.config.dra_socket) as ch:
-            stub = dra_grpc.DRAPluginStub(ch)
-            answer = await stub.NodePrepareResources(
-                dra_pb.NodePrepareResourcesRequest(claims=[ref(u) for u in uids])
-            )
+        answer = await prepare(rp, *uids)
         errors = {u: answer.claims[u].error for u in uids}
         assert "gpu-5" in errors["uid-sick"]
         assert "XID 79" in errors["uid-sick"]
@@ -215,11 +226,7 @@ async def test_dra_end_to_end_through_the_fakes(short_dir: Path) -> None:
         await api.wait_slices(lambda s: len(published(s)) == 4)
 
         # unprepare: the spec goes; an unknown claim is fine
-        async with channel(rp.config.dra_socket) as ch:
-            stub = dra_grpc.DRAPluginStub(ch)
-            done = await stub.NodeUnprepareResources(
-                dra_pb.NodeUnprepareResourcesRequest(claims=[ref("uid-a"), ref("uid-never")])
-            )
+        done = await unprepare(rp, "uid-a", "uid-never")
         assert {u: r.error for u, r in done.claims.items()} == {"uid-a": "", "uid-never": ""}
         assert not (short_dir / "cdi" / "aiodp-claim_uid-a.json").exists()
         assert all(
@@ -233,20 +240,12 @@ async def test_dra_unprepare_after_a_restart_uses_the_checkpoint(short_dir: Path
         options = dra_options(short_dir, api)
         async with running(short_dir, **options) as rp:
             await register(rp)
-            async with channel(rp.config.dra_socket) as ch:
-                answer = await dra_grpc.DRAPluginStub(ch).NodePrepareResources(
-                    dra_pb.NodePrepareResourcesRequest(claims=[ref("uid-r")])
-                )
-            assert answer.claims["uid-r"].error == ""
+            assert (await prepare(rp, "uid-r")).claims["uid-r"].error == ""
         spec = short_dir / "cdi" / "aiodp-claim_uid-r.json"
         assert spec.exists()
         async with running(short_dir, **options) as rp:
             await register(rp)
-            async with channel(rp.config.dra_socket) as ch:
-                done = await dra_grpc.DRAPluginStub(ch).NodeUnprepareResources(
-                    dra_pb.NodeUnprepareResourcesRequest(claims=[ref("uid-r")])
-                )
-            assert done.claims["uid-r"].error == ""
+            assert (await unprepare(rp, "uid-r")).claims["uid-r"].error == ""
         assert not spec.exists()
 
 
@@ -257,18 +256,11 @@ async def test_dra_survives_an_api_server_that_is_down_then_back(short_dir: Path
         async with running(short_dir, **dra_options(short_dir, api)) as rp:
             await register(rp)
             await rp.ready.wait()  # the node serves without the API
-            async with channel(rp.config.dra_socket) as ch:
-                answer = await dra_grpc.DRAPluginStub(ch).NodePrepareResources(
-                    dra_pb.NodePrepareResourcesRequest(claims=[ref("uid-d")])
-                )
+            answer = await prepare(rp, "uid-d")
             assert "cannot read ResourceClaim" in answer.claims["uid-d"].error
             api.down = False  # back: publishing resumes, the same prepare now works
             await api.wait_slices(lambda s: len(published(s)) == 4)
-            async with channel(rp.config.dra_socket) as ch:
-                answer = await dra_grpc.DRAPluginStub(ch).NodePrepareResources(
-                    dra_pb.NodePrepareResourcesRequest(claims=[ref("uid-d")])
-                )
-            assert answer.claims["uid-d"].error == ""
+            assert (await prepare(rp, "uid-d")).claims["uid-d"].error == ""
 
 
 async def test_dra_falls_back_to_v1beta1_slices(short_dir: Path) -> None:
