@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION: Final = 1
 MAX_CHECKPOINT_BYTES: Final = 4 << 20
+MAX_PREPARED: Final = 4096
+"""Claims prepared at once on this node (a node has a few dozen DRA devices): the checkpoint
+and the CDI directory stay bounded."""
+CALL_BUDGET: Final = 40.0
+"""Seconds one prepare call may take in all, under the kubelet's 45 s deadline: claims not
+reached by then get an error of their own instead of the whole call timing out."""
 
 
 class Settings(Protocol):
@@ -115,19 +121,35 @@ class ClaimPreparer:
             slices.device_name(d): d for d in self.registry.inventory().for_resource(self.resource)
         }
 
-    async def prepare(self, refs: Sequence[claims.ClaimRef]) -> dict[str, claims.Prepared | str]:
+    async def prepare(
+        self, refs: Sequence[claims.ClaimRef], budget: float = CALL_BUDGET
+    ) -> dict[str, claims.Prepared | str]:
         out: dict[str, claims.Prepared | str] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         async with self._lock:  # the kubelet calls one at a time; a second caller waits
             for ref in refs:
-                out[ref.uid] = await self._prepare_one(ref)
+                left = deadline - loop.time()
+                if left <= 0:
+                    out[ref.uid] = f"not prepared: the call's {budget:.0f} s ran out first"
+                    continue
+                out[ref.uid] = await self._prepare_one(ref, left)
         return out
 
-    async def _prepare_one(self, ref: claims.ClaimRef) -> claims.Prepared | str:
+    async def _prepare_one(self, ref: claims.ClaimRef, within: float) -> claims.Prepared | str:
+        """Prepare one claim; the read from the API server gets at most `within` seconds
+        (the files are written whatever it took: a half-written claim is worse)."""
         done = self.prepared.get(ref.uid)
         if done is not None:  # idempotent: the same answer again
             return _restore(ref, done)
+        if len(self.prepared) >= MAX_PREPARED:
+            return f"this node has {len(self.prepared)} claims prepared, the most it keeps"
         try:
-            claim = await self.read_claim(ref)
+            try:
+                async with asyncio.timeout(within):
+                    claim = await self.read_claim(ref)
+            except TimeoutError:
+                return f"not prepared: the call's time ran out reading claim {ref}"
             live = self.live()
             result = claims.prepare(
                 ref, claim, driver=self.config.dra_driver_name, pool=self.pool,

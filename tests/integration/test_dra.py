@@ -6,16 +6,20 @@ plugin manager and DRA manager against a real kube-apiserver.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 
-from aiodp import statuscli
+from aiodp import config as cfg
+from aiodp import simulated, statuscli
+from aiodp.config import Config
 from aiodp.testbed import GPUS
 from tests.grpcio_stubs import dra_stubs
 from tests.harness import Running, h100_node, next_update, running, write_atomically
@@ -398,3 +402,43 @@ def dra_grpc_health(ch: grpc.aio.Channel) -> Any:
     return health_grpc.DRAResourceHealthStub(ch).NodeWatchResources(
         health_pb.NodeWatchResourcesRequest()
     )
+
+
+async def test_dra_prepare_is_bounded_in_time_and_in_claims(short_dir: Path) -> None:
+    """A claim whose read never answers costs the call its budget, not the kubelet's
+    deadline; the claims after it get an error each; past MAX_PREPARED, a claim is refused."""
+    from aiodp import draclaims, sharing
+    from aiodp.claims import ClaimRef
+    from aiodp.devices import DeviceRegistry
+
+    stalled = asyncio.Event()
+
+    async def read(ref: ClaimRef) -> dict[str, Any]:
+        if ref.uid == "slow":
+            stalled.set()
+            await asyncio.Event().wait()  # an API server that never answers
+        return claim(ref.uid, [(NODE, "gpu-0")])
+
+    config = dra_options_config(short_dir)
+    plan = sharing.plan(simulated.parse(h100_node()).gpus, config)
+    registry = DeviceRegistry(plan.devices)
+    live = SimpleNamespace(config=config, control_paths=(), imex_channels=())
+    preparer = draclaims.ClaimPreparer(
+        lambda: live, registry, sharing.dra_resource(DRIVER), NODE, read
+    )
+    refs = [ClaimRef("default", f"claim-{u}", u) for u in ("slow", "next")]
+    async with asyncio.timeout(5):
+        out = await preparer.prepare(refs, budget=0.5)
+    assert stalled.is_set()
+    assert "ran out" in str(out["slow"])
+    assert "ran out first" in str(out["next"])
+    preparer.prepared = {f"u{i}": {} for i in range(draclaims.MAX_PREPARED)}
+    out = await preparer.prepare([ClaimRef("default", "claim-x", "x")])
+    assert "the most it keeps" in str(out["x"])
+
+
+def dra_options_config(directory: Path) -> Config:
+    return cfg.build(
+        {"dra": True, "dra_devices": "all", "dra_plugins_dir": directory / "plugins",
+         "dra_cdi_dir": directory / "cdi"}, None,
+    )  # fmt: skip
