@@ -23,12 +23,14 @@ import pytest
 
 from aiodp import metrics
 from tests.e2e.conftest import report
-from tests.e2e.peer import DeviceManager, device_manager
+from tests.e2e.peer import DeviceManager, device_manager, versions
 from tests.harness import Running, h100_node, running, write_atomically
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 GPU = "nvidia.com/gpu"
+FLOOR = "aiodp.test/floor"
+"""The grpc-go yardstick plugin's resource (tests/e2e/devicemanager/floor_new.go)."""
 RESTARTS = 200
 
 
@@ -250,3 +252,40 @@ async def test_e2e_kubelet_that_never_answers_is_abandoned(
         plugin(short_dir, register_timeout=120.0) as rp,
     ):
         await restart_with_prebind(dm, rp, 200, "hang")
+
+
+async def test_e2e_allocate_cost_against_a_grpc_go_plugin(short_dir: Path) -> None:
+    """Through the newest kubelet's device manager, pod after pod: aiodp (its own process,
+    uvloop) against the smallest device plugin in Go on grpc-go, both answering
+    GetPreferredAllocation and Allocate for 1 of 8 devices. A figure, not an assertion."""
+    newest = max(versions(), key=lambda v: [int(x) for x in v[1:].split(".")])
+    devices = short_dir / "devices.yaml"
+    devices.write_text(h100_node())
+    async with device_manager(newest, plugins(short_dir)) as dm:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiodp", "serve", "--backend=simulated",
+            f"--simulated-devices={devices}", "--metrics-address=", "--pod-resources-socket=",
+            f"--kubelet-socket={plugins(short_dir) / 'kubelet.sock'}", "--log-level=warning",
+        )  # fmt: skip
+        try:
+            await dm.wait(GPU, 8, 8)
+            await dm.call("serve_floor", resource=FLOOR)
+            await dm.wait(FLOOR, 8, 8)
+            rounds: dict[str, list[float]] = {GPU: [], FLOOR: []}
+            for i in range(4):  # interleaved, so that both see the same machine
+                for resource in rounds:
+                    reply = await dm.call(
+                        "allocate_many", resource=resource, count=1, repeat=250,
+                        pod=f"{resource.split('/')[-1]}-{i}", timeout=60,
+                    )  # fmt: skip
+                    rounds[resource] += [ns / 1e9 for ns in reply["took_ns"]]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    ours, go = (statistics.median(rounds[r]) for r in (GPU, FLOOR))
+    assert len(rounds[GPU]) == len(rounds[FLOOR]) == 1000
+    report(
+        f"Kubernetes {newest}, device manager Allocate of 1 device (GetPreferredAllocation, "
+        f"Allocate, bookkeeping), 1,000 pods each: aiodp {figures(rounds[GPU])}; a grpc-go "
+        f"plugin {figures(rounds[FLOOR])}; aiodp / grpc-go = {ours / go:.2f}"
+    )

@@ -40,6 +40,7 @@ type command struct {
 	Timeout     float64 `json:"timeout"`
 	PrebindMs   int     `json:"prebind_ms"`
 	PrebindMode string  `json:"prebind_mode"`
+	Repeat      int     `json:"repeat"`
 }
 
 type reply map[string]any
@@ -189,6 +190,44 @@ func (d *driver) handle(c command) reply {
 			cdi = append(cdi, n.Name)
 		}
 		return reply{"ok": true, "devices": ids, "envs": envs, "specs": specs, "cdi": cdi, "annotations": opts.Annotations}
+	case "serve_floor":
+		if err := serveFloor(c.Resource); err != nil {
+			return reply{"ok": false, "error": err.Error()}
+		}
+		return reply{"ok": true}
+	case "allocate_many":
+		// c.Count devices of c.Resource for Repeat pods in turn, each freed before the next:
+		// the device manager's whole path (GetPreferredAllocation, Allocate, bookkeeping),
+		// timed pod by pod
+		if d.manager == nil {
+			return reply{"ok": false, "error": "not started"}
+		}
+		var took []int64
+		ctx := context.Background()
+		for i := 0; i < c.Repeat; i++ {
+			pod := &v1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("%s-%d", c.Pod, i), Namespace: "default",
+					UID: types.UID(fmt.Sprintf("uid-%s-%d", c.Pod, i))},
+				Spec: v1.PodSpec{Containers: []v1.Container{{
+					Name: "main",
+					Resources: v1.ResourceRequirements{
+						Limits: v1.ResourceList{v1.ResourceName(c.Resource): *resource.NewQuantity(c.Count, resource.DecimalSI)},
+					},
+				}}},
+			}
+			d.mu.Lock()
+			d.pods = []*v1.Pod{pod} // the previous pod is gone: its devices are free again
+			d.mu.Unlock()
+			start := time.Now()
+			if err := allocate(ctx, d.manager, pod, &pod.Spec.Containers[0]); err != nil {
+				return reply{"ok": false, "error": err.Error()}
+			}
+			took = append(took, time.Since(start).Nanoseconds())
+		}
+		d.mu.Lock()
+		d.pods = nil
+		d.mu.Unlock()
+		return reply{"ok": true, "took_ns": took}
 	case "exit":
 		os.Exit(0)
 	}
