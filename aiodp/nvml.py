@@ -286,18 +286,29 @@ class NvmlBackend:
                     pcie[frozenset((a, b))] = relation
         return infos, links, pcie
 
+    def _active_links(self, h: Any) -> list[int]:
+        """The GPU's NVLinks that are up: discovery counts them per peer, the metrics sum
+        their error counters. Stops at "not supported" (no NVLink) or "invalid argument"
+        (past the last link); a link that fails otherwise is left out."""
+        n = self.n
+        out = []
+        for link in range(int(getattr(n, "NVML_NVLINK_MAX_LINKS", MAX_NVLINKS))):
+            try:
+                if n.nvmlDeviceGetNvLinkState(h, link) == FEATURE_ENABLED:
+                    out.append(link)
+            except n.NVMLError as e:
+                if e.value in (NOT_SUPPORTED, 2):  # no NVLink / no more links
+                    break
+        return out
+
     def _nvlinks(self, h: Any, by_bus: Mapping[str, str]) -> dict[str, int]:
         """Active NVLinks of one GPU, counted per peer GPU (by the remote PCI bus id)."""
         n = self.n
         out: dict[str, int] = {}
-        for link in range(int(n.NVML_NVLINK_MAX_LINKS)):
+        for link in self._active_links(h):
             try:
-                if n.nvmlDeviceGetNvLinkState(h, link) != n.NVML_FEATURE_ENABLED:
-                    continue
                 remote = sysfs_bdf(_str(n.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId))
-            except n.NVMLError as e:
-                if e.value in (NOT_SUPPORTED, 2):  # no NVLink / no more links
-                    break
+            except n.NVMLError:
                 continue
             peer = by_bus.get(remote)
             if peer is not None:
@@ -487,13 +498,7 @@ class NvmlBackend:
 
     def _nvlink_errors(self, uuid: str, h: Any) -> Mapping[str, float] | None:
         """Each error counter summed over the GPU's active links; None without NVLink."""
-        n, links = self.n, []
-        for link in range(MAX_NVLINKS):
-            try:
-                if n.nvmlDeviceGetNvLinkState(h, link) == FEATURE_ENABLED:
-                    links.append(link)
-            except n.NVMLError:
-                break  # no NVLink, or past the last link (discovery logs the rest)
+        links = self._active_links(h)
         if not links:
             return None
         out = {}
