@@ -1,4 +1,5 @@
-"""Which small asyncio tools the supervisors share: a re-arming pulse and a first-of race."""
+"""Which small asyncio tools the supervisors share: a re-arming pulse, a first-of race, and
+a problem said once."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ async def first_of(waits: Mapping[str, Coroutine[Any, Any, object]]) -> str:
         for task in tasks:
             task.cancel()
     return winners[0]
+
+
+class Trouble:
+    """One ongoing problem of an edge (an API, a socket): logged when it starts or changes,
+    once when it ends, and never again while it stays the same."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.why: str | None = None
+        """The problem now (a short text), None while all is well."""
+
+    def failing(self, why: str, level: int, message: str, *args: object) -> None:
+        if why != self.why:
+            self.logger.log(level, message, *args)
+        self.why = why
+
+    def cleared(self, message: str, *args: object) -> None:
+        if self.why is not None:
+            self.logger.info(message, *args)
+        self.why = None

@@ -28,6 +28,7 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Event, Node
 from lightkube.types import PatchType
 
+from aiodp import aiokit
 from aiodp.devices import DeviceRegistry, Health, Inventory
 from aiodp.errors import cut_text
 
@@ -105,7 +106,7 @@ class NodeSignals:
         """(status, message) last patched; None before the first."""
         self.events: dict[tuple[str, str], tuple[str, int]] = {}
         """(GPU, reason) -> (Event name, count)"""
-        self.problem: str | None = None
+        self.trouble = aiokit.Trouble(log)
         self.seen: set[Fault] = set()
         self.hold = False
         """A False condition of this boot found at start: kept until we see a fault."""
@@ -214,15 +215,14 @@ class NodeSignals:
 
     def _failed(self, what: str, e: BaseException) -> None:
         why = cut_text(f"{type(e).__name__}: {e}", 200)
-        if why != self.problem:
-            log.warning("node signals: cannot %s node %s (%s); the plugin goes on without them",
-                        what, self.node, why)  # fmt: skip
-        self.problem = why
+        self.trouble.failing(
+            why, logging.WARNING,
+            "node signals: cannot %s node %s (%s); the plugin goes on without them",
+            what, self.node, why,
+        )  # fmt: skip
 
     def _ok(self) -> None:
-        if self.problem is not None:
-            log.info("node signals: the API answers again")
-        self.problem = None
+        self.trouble.cleared("node signals: the API answers again")
 
 
 async def run(signals: NodeSignals, registry: DeviceRegistry) -> NoReturn:

@@ -21,6 +21,7 @@ from grpclib.client import Channel
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
+from aiodp import aiokit
 from aiodp.errors import cut_text
 from aiodp.podresapi.v1 import ListPodResourcesResponse, PodResourcesListerStub
 
@@ -122,8 +123,8 @@ class Attribution:
         self.socket = socket
         self.physical = physical
         self.holders: Holders = {}
-        self.problem: str | None = None
-        """Why holders are empty, while the socket cannot be read; None once it answers."""
+        self.trouble = aiokit.Trouble(log)
+        """Why holders are empty, while the socket cannot be read."""
         self.allocated = asyncio.Event()
 
     def on_allocate(self) -> None:
@@ -143,10 +144,14 @@ class Attribution:
         ) as e:
             self._failed(e)
             return
-        if self.problem is not None:
-            log.info("pod-resources: %s answers again; pods label the GPU metrics", self.socket)
-        self.problem = None
+        self.trouble.cleared("pod-resources: %s answers again; pods label the GPU metrics",
+                             self.socket)  # fmt: skip
         self.holders = holders(answer, self.physical)
+
+    @property
+    def problem(self) -> str | None:
+        """Why holders are empty, while the socket cannot be read; None once it answers."""
+        return self.trouble.why
 
     def _failed(self, e: BaseException) -> None:
         if isinstance(e, FileNotFoundError):
@@ -156,15 +161,15 @@ class Attribution:
         else:
             why = cut_text(f"{type(e).__name__}: {e}", 200)
         self.holders = {}
-        if why != self.problem:  # absent: a setting, not a fault (info); the rest: warning
-            log.log(
-                logging.INFO if isinstance(e, FileNotFoundError) else logging.WARNING,
-                "pod-resources: cannot read %s: %s; the pod, namespace and container labels "
-                "stay empty, everything else works",
-                self.socket,
-                why,
-            )
-        self.problem = why
+        self.trouble.failing(
+            why,
+            # absent: a setting, not a fault (info); the rest: warning
+            logging.INFO if isinstance(e, FileNotFoundError) else logging.WARNING,
+            "pod-resources: cannot read %s: %s; the pod, namespace and container labels "
+            "stay empty, everything else works",
+            self.socket,
+            why,
+        )
 
     async def run(self, *, interval: float) -> NoReturn:
         """Ask every `interval` seconds, and `ALLOCATE_DELAY` after an Allocate."""
