@@ -1,17 +1,24 @@
 """What the demo and the tests run the plugin on: a simulated 8-GPU node, atomic file edits,
-a wait for the stand-in kubelet's next update, and a tiny HTTP GET for our own endpoints."""
+a wait for the stand-in kubelet's next update, a tiny HTTP GET for our own endpoints, and a
+busy node (the plugin with counters, pods and /metrics) for the dashboard and the bench."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from aiodp import app
+from aiodp import config as cfg
 from aiodp.fakekubelet import FakeKubelet, Update
+from aiodp.fakepodresources import FakePodResources
+from aiodp.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +98,45 @@ async def http_get(address: str, path: str) -> str:
     writer.close()
     await writer.wait_closed()
     return data.partition(b"\r\n\r\n")[2].decode()
+
+
+@dataclass
+class BusyNode:
+    """The plugin on the demo's simulated H100s with counters, serving /metrics, with its
+    kubelet and pod-resources stand-ins (`busy_node`)."""
+
+    status: Status
+    kubelet: FakeKubelet
+    pods: FakePodResources
+    devices_file: Path
+
+    @property
+    def address(self) -> str:
+        assert self.status.endpoint is not None
+        return self.status.endpoint.address
+
+
+@contextlib.asynccontextmanager
+async def busy_node(directory: Path, **overrides: object) -> AsyncIterator[BusyNode]:
+    """Run the plugin (app.main) on the demo node with its counters, /metrics on a free
+    port and pod attribution, under the kubelet stand-in; `overrides` are more settings (a
+    `config_file` is read). Yields once the plugin is registered; stops it on exit."""
+    devices = directory / "devices.yaml"
+    devices.write_text(h100_node(metrics=DEMO_METRICS))
+    sock = directory / "pr" / "kubelet.sock"
+    settings: dict[str, object] = {
+        "backend": "simulated", "simulated_devices": devices,
+        "kubelet_socket": directory / "kubelet.sock", "metrics_address": "127.0.0.1:0",
+        "pod_resources_socket": sock, **overrides,
+    }  # fmt: skip
+    path = settings.get("config_file")
+    config = cfg.build(settings, cfg.load(path) if isinstance(path, Path) else None)
+    stop, status = asyncio.Event(), Status()
+    async with FakeKubelet(directory) as kubelet, FakePodResources(sock) as pods:
+        task = asyncio.create_task(app.main(config, stop=stop, status=status))
+        try:
+            await status.ready.wait()
+            yield BusyNode(status, kubelet, pods, devices)
+        finally:
+            stop.set()
+            await task

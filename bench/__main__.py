@@ -485,46 +485,25 @@ def bench_gpu_metrics() -> list[tuple[str, float, float, float]]:
     and with 1,024 (8 x 128 replicas, one pod each); the bench process's RSS after each."""
     import asyncio
 
-    from aiodp import app
-    from aiodp import config as cfg
-    from aiodp.fakekubelet import FakeKubelet
-    from aiodp.fakepodresources import FakePodResources
-    from aiodp.status import Status
-    from aiodp.testbed import DEMO_METRICS, h100_node, http_get, next_update
+    from aiodp.testbed import busy_node, http_get, next_update
     from bench.server import REPLICAS_128
 
     async def one(pods: int) -> tuple[float, float, float]:
         directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
-        node = directory / "devices.yaml"
-        node.write_text(h100_node(metrics=DEMO_METRICS))
         (directory / "config.yaml").write_text(REPLICAS_128)
-        sock = directory / "pr" / "kubelet.sock"
-        config = cfg.build(
-            {
-                "backend": "simulated", "simulated_devices": node,
-                "kubelet_socket": directory / "kubelet.sock", "metrics_address": "127.0.0.1:0",
-                "config_file": directory / "config.yaml", "pod_resources_socket": sock,
-                "device_metrics_interval": 0.1,
-            },
-            cfg.load(directory / "config.yaml"),
-        )  # fmt: skip
-        stop, status = asyncio.Event(), Status()
-        async with FakeKubelet(directory) as kubelet, FakePodResources(sock) as fake:
-            task = asyncio.create_task(app.main(config, stop=stop, status=status))
-            first = await next_update(kubelet, lambda u: len(u.devices) == 1024)
+        async with busy_node(
+            directory, config_file=directory / "config.yaml", device_metrics_interval=0.1
+        ) as node:
+            first = await next_update(node.kubelet, lambda u: len(u.devices) == 1024)
             ids = [d.id for d in first.devices]
             for i in range(pods):
-                fake.assign("bench", f"pod-{i}", "main", "nvidia.com/gpu", [ids[i]])
-            await fake.answered()
-            assert status.endpoint is not None
-            address = status.endpoint.address
+                node.pods.assign("bench", f"pod-{i}", "main", "nvidia.com/gpu", [ids[i]])
+            await node.pods.answered()
             samples, size = [], 0
             for _ in range(30):
                 t = time.perf_counter()
-                size = len(await http_get(address, "/metrics"))
+                size = len(await http_get(node.address, "/metrics"))
                 samples.append(time.perf_counter() - t)
-            stop.set()
-            await task
         return statistics.median(samples) * 1e3, size / 1024, rss_mib(os.getpid())
 
     return [

@@ -251,24 +251,20 @@ async def record(count: int = 12) -> list[dict[str, float]]:
 
 
 async def _record(count: int) -> list[dict[str, float]]:
-    from aiodp import app, config, metrics
-    from aiodp.fakekubelet import FakeKubelet
-    from aiodp.fakepodresources import FakePodResources
-    from aiodp.status import Status
-    from aiodp.testbed import DEMO_METRICS, h100_node, http_get, next_update, write_atomically
+    from aiodp import metrics
+    from aiodp.testbed import (
+        DEMO_METRICS,
+        busy_node,
+        h100_node,
+        http_get,
+        next_update,
+        write_atomically,
+    )  # fmt: skip
 
     d = Path(tempfile.mkdtemp(prefix="aiodp-dash-"))
-    devices = d / "devices.yaml"
-    devices.write_text(h100_node(metrics=DEMO_METRICS))
-    cfg = config.build({
-        "backend": "simulated", "simulated_devices": devices, "kubelet_socket": d / "kubelet.sock",
-        "metrics_address": "127.0.0.1:0", "pod_resources_socket": d / "pr" / "kubelet.sock",
-        "device_metrics_interval": 0.05, "health_recovery_period": 0.0,
-    }, None)  # fmt: skip
-    stop, status, scrapes = asyncio.Event(), Status(), []
-    async with FakeKubelet(d) as k, FakePodResources(d / "pr" / "kubelet.sock") as pods:
-        task = asyncio.create_task(app.main(cfg, stop=stop, status=status))
-        await status.ready.wait()
+    scrapes = []
+    async with busy_node(d, device_metrics_interval=0.05, health_recovery_period=0.0) as node:
+        k, pods, devices = node.kubelet, node.pods, node.devices_file
         ids = [x.id for x in (await next_update(k, lambda u: bool(u.devices))).devices]
         for step in range(count):
             now = {
@@ -290,10 +286,7 @@ async def _record(count: int) -> list[dict[str, float]]:
             if step == 9:
                 await k.restart()
             await pods.answered()
-            assert status.endpoint is not None
-            scrapes.append(metrics.samples(await http_get(status.endpoint.address, "/metrics")))
-        stop.set()
-        await task
+            scrapes.append(metrics.samples(await http_get(node.address, "/metrics")))
     return scrapes
 
 
