@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,34 +249,18 @@ class Sockets:
     endpoint: Path
     endpoint_inode: int
 
-    def intact(self) -> bool:
-        return (
-            server.socket_inode(self.registration) == self.registration_inode
-            and server.socket_inode(self.endpoint) == self.endpoint_inode
-        )
-
-
-def _prepare_path(path: Path) -> None:
-    """Make the socket's directory and remove a stale socket (blocking)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
 
 async def _bind(
     services: Sequence[object], path: Path, limits: _grpclib.Limits | None
 ) -> tuple[_grpclib.Server, int]:
-    srv = _grpclib.Server(list(services), limits, codec=server.StrictCodec())
+    """Serve `services` on `path` as the device plugin's sockets are served (server.bind),
+    in a directory made first: the driver's own under the plugins directory is ours."""
     try:
-        await asyncio.to_thread(_prepare_path, path)
-        await srv.start(path=str(path))
-        os.chmod(path, server.SOCKET_MODE)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
     except OSError as e:
-        srv.close()
-        raise ListenError(f"cannot serve the DRA plugin on {path}: {e.strerror or e}") from None
-    inode = server.socket_inode(path)
-    assert inode is not None
-    return srv, inode
+        raise ListenError(server.cannot_serve(path, e)) from None
+    srv = _grpclib.Server(list(services), limits, codec=server.StrictCodec())
+    return srv, await server.bind(srv, path)
 
 
 @contextlib.asynccontextmanager

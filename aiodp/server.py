@@ -411,7 +411,7 @@ def socket_inode(path: Path) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
-def _cannot_serve(path: Path, e: OSError) -> str:
+def cannot_serve(path: Path, e: OSError) -> str:
     """One line on why our socket cannot be created: which directory, which access, what to do."""
     directory = path.parent
     try:
@@ -437,6 +437,22 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
+async def bind(server: _grpclib.Server, path: Path) -> int:
+    """Start `server` on the unix socket `path` (a stale socket of ours removed first, mode
+    0600); its inode. A socket that cannot be made is a ListenError saying why in one line."""
+    try:
+        _unlink(path)
+        await server.start(path=str(path))
+        os.chmod(path, SOCKET_MODE)
+    except OSError as e:
+        raise ListenError(cannot_serve(path, e)) from None
+    inode = socket_inode(path)
+    if inode is None:  # pragma: no cover - the kernel just created it
+        server.close()
+        raise OSError(f"socket {path} vanished right after binding")
+    return inode
+
+
 @contextlib.asynccontextmanager
 async def serve(
     service: DevicePluginService,
@@ -453,16 +469,7 @@ async def serve(
     removed.
     """
     server = _grpclib.Server([service], limits, codec=StrictCodec())
-    try:
-        _unlink(path)
-        await server.start(path=str(path))
-        os.chmod(path, SOCKET_MODE)
-    except OSError as e:
-        raise ListenError(_cannot_serve(path, e)) from None
-    inode = socket_inode(path)
-    if inode is None:  # pragma: no cover - the kernel just created it
-        server.close()
-        raise OSError(f"socket {path} vanished right after binding")
+    inode = await bind(server, path)
     log.info("serving %s on %s", service.resource, path, extra={"resource": service.resource})
     handle = PluginServer(service, path, inode, server)
     try:

@@ -442,3 +442,18 @@ def dra_options_config(directory: Path) -> Config:
         {"dra": True, "dra_devices": "all", "dra_plugins_dir": directory / "plugins",
          "dra_cdi_dir": directory / "cdi"}, None,
     )  # fmt: skip
+
+
+async def test_dra_socket_that_cannot_be_made_is_one_line_and_exit_1(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugins directory is a file: our driver's directory cannot be made there."""
+    (short_dir / "plugins").write_text("not a directory")
+    async with FakeApi(NODE) as api, running(
+        short_dir, expect_code=1, **dra_options(short_dir, api)
+    ) as rp:  # fmt: skip
+        await rp.task
+    assert "cannot" in caplog.text
+    assert str(short_dir / "plugins") in caplog.text
+    assert "Traceback" not in caplog.text
+    assert "fatal" not in caplog.text
