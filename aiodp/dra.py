@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from lightkube import AsyncClient
@@ -21,6 +22,7 @@ from aiodp import (
     draplugin,
     reload,
     resourceslices,
+    server,
     sharing,
     slices,
     watch,
@@ -58,13 +60,17 @@ async def run_sockets(
             report.dra_bound()
             gone = await aiokit.first_of(
                 {
-                    "registration": watch.wait_replaced(
-                        socks.registration, socks.registration_inode
-                    ),
-                    "endpoint": watch.wait_replaced(socks.endpoint, socks.endpoint_inode),
+                    "registration": _wait_gone(socks.registration, socks.registration_inode),
+                    "endpoint": _wait_gone(socks.endpoint, socks.endpoint_inode),
                 }
             )
         log.warning("our DRA %s socket was removed: serving it again", gone)
+
+
+async def _wait_gone(path: Path, inode: int) -> None:
+    """Until our socket at `path` is deleted or another file takes its name."""
+    async with watch.DirWatch(path.parent) as dw:
+        await dw.wait(lambda: server.socket_inode(path) != inode)
 
 
 async def run_dra(

@@ -126,17 +126,3 @@ async def file_changes(path: Path) -> AsyncGenerator[None, None]:
     async with DirWatch(path.parent) as dw:
         async for _ in dw.changes((path.name, CONFIGMAP_DATA)):
             yield
-
-
-def inode(path: Path) -> int | None:
-    """The inode at `path` now, None when there is nothing (one lstat)."""
-    try:
-        return os.lstat(path).st_ino
-    except OSError:
-        return None
-
-
-async def wait_replaced(path: Path, ino: int) -> None:
-    """Return once `path` is no longer the file with inode `ino` (deleted, or replaced)."""
-    async with DirWatch(path.parent) as dw:
-        await dw.wait(lambda: inode(path) != ino)
