@@ -82,7 +82,6 @@ class Publisher:
         """The pool as last written in full (None: not yet, or our slices were deleted)."""
         self.taints = True
         """Whether the server keeps DeviceTaints (DRADeviceTaints); found on the first write."""
-        self.publishes = 0
         self._changes = 0
         self._pulse = aiokit.Pulse()
 
@@ -137,7 +136,6 @@ class Publisher:
                 if e.status.code != 404:
                     raise
         self.published = pool
-        self.publishes += 1
         self.on_published(pool.gpus)
         log.info("published %d DRA device(s) in %d ResourceSlice(s), pool %s generation %d",
                  len(pool.devices), len(wanted), pool.node, self.generation)  # fmt: skip

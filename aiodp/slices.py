@@ -85,8 +85,7 @@ def _attributes(dev: Device, gpu: DeviceInfo | None, island: int | None) -> dict
         attrs |= {k: {"version": v} for k, raw in versions.items() if (v := semver(raw))}
         if dev.kind is Kind.MIG:
             attrs["parentUUID"] = {"string": gpu.uuid}
-            profile = next((m.profile for m in gpu.mig_devices if m.uuid == dev.uuid), "")
-            if profile:
+            if profile := _mig_profile(dev, gpu):
                 attrs["profile"] = {"string": profile}
     if dev.numa_node is not None:
         attrs["numaNode"] = {"int": dev.numa_node}
@@ -95,16 +94,17 @@ def _attributes(dev: Device, gpu: DeviceInfo | None, island: int | None) -> dict
     return attrs
 
 
+def _mig_profile(dev: Device, gpu: DeviceInfo) -> str:
+    """A MIG device's profile (`1g.10gb`) as its GPU lists it; empty when it does not."""
+    return next((m.profile for m in gpu.mig_devices if m.uuid == dev.uuid), "")
+
+
 def _memory_mib(dev: Device, gpu: DeviceInfo | None) -> int:
-    if dev.memory_mib:
+    """A GPU's memory as the plan carries it; a MIG device's from its profile."""
+    if dev.memory_mib or dev.kind is not Kind.MIG or gpu is None:
         return dev.memory_mib
-    if gpu is not None and dev.kind is Kind.GPU:
-        return gpu.memory_mib
-    if gpu is not None:  # a MIG device: its profile says, e.g. 1g.10gb
-        profile = next((m.profile for m in gpu.mig_devices if m.uuid == dev.uuid), "")
-        m = re.search(r"(\d+)gb", profile)
-        return int(m.group(1)) * 1024 if m else 0
-    return 0
+    m = re.search(r"(\d+)gb", _mig_profile(dev, gpu))
+    return int(m.group(1)) * 1024 if m else 0
 
 
 def to_slice_device(

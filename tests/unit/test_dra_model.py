@@ -269,3 +269,15 @@ def test_prepare_ignores_other_drivers_config() -> None:
 )  # fmt: skip
 def test_taint_values_are_label_values(reason: str, value: str) -> None:
     assert slices.label_value(reason) == value
+
+
+def test_a_mig_device_is_published_with_its_parent_profile_and_memory() -> None:
+    mig = gpu(0, mig_enabled=True, mig_devices=(MigInfo("MIG-a", "1g.10gb", 1, 0, 0),))
+    plan = sharing.plan([mig], conf(dra_devices="all", mig_strategy="mixed"))
+    (dev,) = slices.pool(
+        "node", DRIVER, plan.dra_devices(), {"GPU-0": mig}, topology.Topology()
+    ).devices
+    assert dev["name"] == "gpu-0-mig-0"
+    assert dev["attributes"]["parentUUID"] == {"string": "GPU-0"}
+    assert dev["attributes"]["profile"] == {"string": "1g.10gb"}
+    assert dev["capacity"] == {"memory": {"value": "10240Mi"}}
