@@ -394,7 +394,7 @@ def _dra(
         if api is not None:
             stack.push_async_callback(api.close)
     status.dra_serving(config.dra_driver_name)
-    return dra.run_dra(holder, registry, api, asyncio.Event(), status)
+    return dra.run_dra(holder, registry, api, status)
 
 
 async def _serve(

@@ -77,7 +77,6 @@ async def run_dra(
     holder: reload.Holder,
     registry: DeviceRegistry,
     api: AsyncClient | None,
-    stop: asyncio.Event,
     report: Report,
 ) -> NoReturn:
     """The DRA driver: sockets, slices, claims and health, for ever."""
@@ -98,7 +97,7 @@ async def run_dra(
     await preparer.load()
 
     registration = draplugin.RegistrationService(config, report.dra_registered)
-    streams = draplugin.HealthStreams(registry, resource, node, stop)
+    streams = draplugin.HealthStreams(registry, resource, node)
     v1 = draplugin.DraV1Service(preparer)
     services: list[object] = [
         v1,

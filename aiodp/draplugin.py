@@ -209,10 +209,10 @@ class HealthStreams:
     registry: DeviceRegistry
     resource: str
     pool: str
-    stop: asyncio.Event
 
     async def lists(self) -> AsyncIterator[health_v1.NodeWatchResourcesResponse]:
-        async for devices in self.registry.watch(self.resource, until=self.stop):
+        """Until the stream is cancelled (the kubelet leaves, or our server closes)."""
+        async for devices in self.registry.watch(self.resource):
             yield health_list(devices, self.registry, self.pool)
 
 
