@@ -122,3 +122,78 @@ def test_server_snapshot_bytes_equal_the_generated_encoding() -> None:
     assert fast.SerializeToString() == bytes(to_api(devs))
     assert api.ListAndWatchResponse.parse(bytes(fast)) == to_api(devs)
     assert bytes(server.snapshot([])) == b""
+
+
+def _allocate(*ids: str) -> api.AllocateRequest:
+    return api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(list(ids))])
+
+
+def _preferred(*ids: str, size: int = 1) -> api.PreferredAllocationRequest:
+    return api.PreferredAllocationRequest(
+        container_requests=[
+            api.ContainerPreferredAllocationRequest(
+                available_deviceIDs=list(ids), allocation_size=size
+            )
+        ]
+    )
+
+
+async def test_server_same_question_same_state_is_answered_from_the_encoded_answer() -> None:
+    svc = service()
+    first = await svc.allocate(_allocate("GPU-0"))
+    again = await svc.allocate(_allocate("GPU-0"))
+    assert again is first  # encoded once
+    other = await svc.allocate(_allocate("GPU-1"))
+    assert other is not first
+    decoded = api.AllocateResponse.parse(bytes(again))
+    assert decoded.container_responses[0].envs == {"NVIDIA_VISIBLE_DEVICES": "GPU-0"}
+    assert bytes(again) == again.SerializeToString()
+    pref = await svc.get_preferred_allocation(_preferred("GPU-2", "GPU-1", "GPU-0", size=2))
+    assert await svc.get_preferred_allocation(_preferred("GPU-2", "GPU-1", "GPU-0", size=2)) is pref
+    assert api.PreferredAllocationResponse.parse(bytes(pref)).container_responses[
+        0
+    ].device_i_ds == [
+        "GPU-0",
+        "GPU-1",
+    ]
+    # the same IDs asked by GetPreferredAllocation and Allocate are two questions
+    assert await svc.allocate(_allocate("GPU-0")) is first
+
+
+async def test_server_answers_follow_health_and_live_settings() -> None:
+    devs = [gpu(i) for i in range(2)]
+    reg = DeviceRegistry(devs)
+    settings = [Fixed(Config())]
+    svc = server.DevicePluginService(Resource(RES), reg, lambda: settings[0])
+    ok = await svc.allocate(_allocate("GPU-0"))
+    set_health(reg, ["GPU-0"], Health.UNHEALTHY, "XID 79")
+    with pytest.raises(GRPCError) as err:  # a new inventory: not the kept answer
+        await svc.allocate(_allocate("GPU-0"))
+    assert err.value.status is Status.FAILED_PRECONDITION
+    set_health(reg, ["GPU-0"], Health.HEALTHY)
+    back = await svc.allocate(_allocate("GPU-0"))
+    assert back is not ok
+    assert bytes(back) == bytes(ok)
+    settings[0] = Fixed(Config(device_id_strategy="index"))  # a reload: new live settings
+    indexed = await svc.allocate(_allocate("GPU-0"))
+    assert api.AllocateResponse.parse(bytes(indexed)).container_responses[0].envs == {
+        "NVIDIA_VISIBLE_DEVICES": "0"
+    }
+
+
+async def test_server_kept_answers_are_bounded() -> None:
+    many = [replica(0, n, resource=RES) for n in range(server._Answers.MAX_IDS + 1)]
+    fixed = Fixed(Config())
+    svc = server.DevicePluginService(Resource(RES), DeviceRegistry(many), lambda: fixed)
+    ids = [d.id for d in many]
+    big = await svc.allocate(_allocate(*ids))  # names more IDs than a kept question may
+    assert await svc.allocate(_allocate(*ids)) is not big
+    assert await svc.allocate(_allocate(*ids[:-1])) is await svc.allocate(_allocate(*ids[:-1]))
+    first = await svc.allocate(_allocate(ids[0]))
+    newer = (
+        [(i,) for i in ids[1:]] + [(ids[1], i) for i in ids[2:]] + [(ids[2], i) for i in ids[3:]]
+    )
+    for question in newer[: server._Answers.MAX_ANSWERS]:
+        await svc.allocate(_allocate(*question))
+    assert len(svc._answers._answers) == server._Answers.MAX_ANSWERS
+    assert await svc.allocate(_allocate(ids[0])) is not first  # the oldest was dropped
