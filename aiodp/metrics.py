@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
 from typing import Final
 
+import grpclib
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+import aiodp
+
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -37,25 +39,36 @@ DeviceRow = tuple[str, str, str, str]
 _device_source: Callable[[], Iterable[DeviceRow]] | None = None
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+class _BuildInfo(Collector):
+    """`aiodp_build_info`, its labels worked out at the first scrape: nvidia-ml-py has no
+    `__version__`, and `importlib.metadata` (which reads it) is not worth loading at start."""
+
+    NAME: Final = "aiodp_build_info"
+    HELP: Final = "Always 1; the labels say which versions run."
+    LABELS: Final = ("version", "python", "grpclib", "nvml")
+
+    def __init__(self) -> None:
+        self._family: GaugeMetricFamily | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._family is None:
+            from importlib import metadata  # lazy: ~2 ms and, with betterproto2 fixed, 1 MiB
+
+            try:
+                nvml = metadata.version("nvidia-ml-py")
+            except metadata.PackageNotFoundError:
+                nvml = "unknown"
+            python = ".".join(map(str, sys.version_info[:3]))
+            family = GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+            family.add_metric([aiodp.__version__, python, grpclib.__version__, nvml], 1)
+            self._family = family
+        yield self._family
 
 
-BUILD_INFO: Final = Gauge(
-    "aiodp_build_info",
-    "Always 1; the labels say which versions run.",
-    ["version", "python", "grpclib", "nvml"],
-    registry=REGISTRY,
-)
-BUILD_INFO.labels(
-    _version("aiodp"),
-    ".".join(map(str, sys.version_info[:3])),
-    _version("grpclib"),
-    _version("nvidia-ml-py"),
-).set(1)
+REGISTRY.register(_BuildInfo())
 
 HEALTH_TRANSITIONS: Final = Counter(
     "aiodp_health_transitions_total",

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from aiodp import metrics
@@ -57,3 +59,22 @@ def test_metrics_counters_and_histogram() -> None:
     metrics.observe_request("Allocate", "t/x", "OK", 0.02)
     assert value(bucket) == 1
     assert value('aiodp_requests_total{code="OK",method="Allocate",resource="t/x"}') == 2
+
+
+def test_metrics_build_info_names_the_running_versions() -> None:
+    from importlib import metadata
+
+    import grpclib
+
+    import aiodp
+
+    values = metrics.samples(metrics.render()[0].decode())
+    (key,) = (k for k in values if k.startswith("aiodp_build_info{"))
+    assert values[key] == 1
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert key == (
+        f'aiodp_build_info{{grpclib="{grpclib.__version__}",'
+        f'nvml="{metadata.version("nvidia-ml-py")}",python="{python}",'
+        f'version="{aiodp.__version__}"}}'
+    )
+    assert metadata.version("aiodp") == aiodp.__version__
