@@ -90,7 +90,7 @@ def grpcio_stubs() -> tuple[object, object]:
 
 
 def start(
-    kind: str, directory: Path, log_level: str = "warning"
+    kind: str, directory: Path, log_level: str = "warning", env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.server", kind, str(directory)],
@@ -98,7 +98,7 @@ def start(
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "AIODP_LOG_LEVEL": log_level},
+        env={**(env or os.environ), "AIODP_LOG_LEVEL": log_level},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
@@ -345,7 +345,9 @@ def main() -> None:
     print("\nRSS of the plugin process (8 simulated GPUs): must stay flat")
     for label, mib in soak:
         print(f"  {label:<34} {mib:>6.1f} MiB")
-    main_targets(startup, res, r, profile)
+    grpc_go = bench_grpc_go()
+    patched = main_upstream(grpc_go)
+    main_targets(startup, res, r, profile, grpc_go, patched)
 
 
 BEFORE: Final = {
@@ -355,9 +357,11 @@ BEFORE: Final = {
     "allocate_x_floor": 1.12,
     "preferred_share": 22.2,
     "allocate_share": 8.2,
+    "grpc_go": 2.17,
 }
 """Issue #15's figures at commit 29e3bf8 (DRA done, before the start-up and per-call work),
-measured here by this same bench."""
+measured here by this same bench (its start-up from source, as `make install` left it then;
+`grpc_go` by today's e2e comparison run against that commit's aiodp: 2.31, 2.15, 2.17)."""
 
 
 def main_profile() -> dict[str, dict[str, float]]:
@@ -375,6 +379,8 @@ def main_targets(
     allocate: dict[str, tuple[float, float]],
     replicas: dict[str, float],
     profile: dict[str, dict[str, float]],
+    grpc_go: float | None,
+    patched: dict[str, float],
 ) -> None:
     start_ms = statistics.median(startup["starts"]) * 1e3  # type: ignore[arg-type]
     rss = statistics.median(startup["rss"])  # type: ignore[arg-type]
@@ -382,6 +388,8 @@ def main_targets(
         ("start -> registered, median", f"{BEFORE['start']:.0f} ms", f"{start_ms:.0f} ms",
          "<= 200 ms"),
         ("RSS after start, 8 GPUs", f"{BEFORE['rss']:.1f} MiB", f"{rss:.1f} MiB", "<= 32 MiB"),
+        ("  the same with the patches of patches/", "-", f"{patched['rss']:.1f} MiB",
+         "<= 32 MiB"),
         ("RSS, 1,024 replicas", f"{BEFORE['rss_1024']:.1f} MiB", f"{replicas['rss']:.1f} MiB",
          "<= 50 MiB"),
         ("Allocate, x the bare grpclib floor", f"{BEFORE['allocate_x_floor']:.2f}",
@@ -390,6 +398,9 @@ def main_targets(
          f"{profile['Allocate']['aiodp']:.1f} %", "-"),
         ("GetPreferredAllocation: aiodp's share", f"{BEFORE['preferred_share']:.1f} %",
          f"{profile['GetPreferredAllocation']['aiodp']:.1f} %", "-"),
+        ("a pod through the device manager, x grpc-go",
+         f"{BEFORE['grpc_go']:.2f}", "not built" if grpc_go is None else f"{grpc_go:.2f}",
+         "<= 2.00"),
     ]  # fmt: skip
     print("\nIssue #15's targets: before (commit 29e3bf8) and now")
     print(f"  {'figure':<40} {'before':>10} {'now':>10} {'target':>10}")
@@ -584,7 +595,9 @@ def _part(filename: str) -> str:
     return "loop and the rest"
 
 
-def bench_call_profile(calls: int = 3000) -> dict[str, dict[str, float]]:
+def bench_call_profile(
+    calls: int = 3000, env: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
     """cProfile of the plugin process while it answers `calls` Allocate, then (another
     process) `calls` GetPreferredAllocation: own time by part, in % (the grpcio client is
     another process and not in it)."""
@@ -615,7 +628,7 @@ def bench_call_profile(calls: int = 3000) -> dict[str, dict[str, float]]:
     out = {}
     for method, call in requests.items():
         directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
-        proc, path, _ = start("profile", directory)
+        proc, path, _ = start("profile", directory, env=env)
         try:
             with grpc.insecure_channel(f"unix://{path}") as channel:
                 stub = api_pb2_grpc.DevicePluginStub(channel)  # type: ignore[attr-defined]
@@ -634,6 +647,73 @@ def bench_call_profile(calls: int = 3000) -> dict[str, dict[str, float]]:
             "us_per_call": 1e6 * total / calls
         }
     return out
+
+
+def bench_allocate_patched(
+    tree: Path, rounds: int = 6, calls: int = 500
+) -> dict[str, tuple[float, float]]:
+    """Allocate through grpcio against two plugin processes, on the installed packages and
+    with the speed patches of patches/ (interleaved rounds): median and p99 ms."""
+    import grpc
+
+    from bench import upstream
+
+    api_pb2, api_pb2_grpc = grpcio_stubs()
+    request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
+        container_requests=[api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
+            devices_ids=["GPU-00000000-aiod-4d3e-8f00-00005eed0000"])]
+    )  # fmt: skip
+    servers = {
+        label: start("plugin", Path(tempfile.mkdtemp(prefix="aiodp-bench-")), env=env)
+        for label, env in (("released", None), ("patched", upstream.env_with(tree)))
+    }
+    samples: dict[str, list[float]] = {label: [] for label in servers}
+    channels = {label: grpc.insecure_channel(f"unix://{s[1]}") for label, s in servers.items()}
+    try:
+        stubs = {
+            label: api_pb2_grpc.DevicePluginStub(c).Allocate  # type: ignore[attr-defined]
+            for label, c in channels.items()
+        }
+        for call in stubs.values():
+            for _ in range(300):
+                call(request, timeout=5)
+        for _ in range(rounds):
+            for label, call in stubs.items():
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    call(request, timeout=5)
+                    samples[label].append(time.perf_counter() - t)
+    finally:
+        for channel in channels.values():
+            channel.close()
+        for proc, _, _ in servers.values():
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(timeout=15)
+    return {label: stats(s) for label, s in samples.items()}
+
+
+GRPC_GO_TEST: Final = (
+    "tests/e2e/test_devicemanager.py::test_e2e_allocate_cost_against_a_grpc_go_plugin"
+)
+
+
+def bench_grpc_go(env: dict[str, str] | None = None) -> float | None:
+    """`make e2e`'s comparison with a grpc-go plugin through the kubelet's device manager
+    (its Go peers built and cached by tests/e2e/build.sh): aiodp / grpc-go per pod, or None
+    where the peers were never built here."""
+    from tests.e2e.peer import CACHE
+
+    if not any(CACHE.glob("v1.*/devicemanager")):
+        return None
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", GRPC_GO_TEST],
+            cwd=ROOT, check=True, capture_output=True,
+            env={**(env or os.environ), "AIODP_E2E_REPORT": report.name},
+        )  # fmt: skip
+        line = report.read()
+    return float(line.rpartition("aiodp / grpc-go = ")[2])
 
 
 def bench_soak(calls: int = 10_000, flips: int = 1_000) -> list[tuple[str, float]]:
@@ -667,7 +747,7 @@ def bench_soak(calls: int = 10_000, flips: int = 1_000) -> list[tuple[str, float
     return rows
 
 
-def bench_startup(runs: int = 10) -> dict[str, object]:
+def bench_startup(runs: int = 10, env: dict[str, str] | None = None) -> dict[str, object]:
     """`python -m aiodp serve` (simulated 8 GPUs) from exec to the kubelet stand-in's
     Register handler done (it has dialed back); RSS right after; the import profile of one
     start (-X importtime)."""
@@ -689,7 +769,7 @@ def bench_startup(runs: int = 10) -> dict[str, object]:
             t = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
                 *argv, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-                env={**os.environ, "AIODP_LOG_LEVEL": "warning"},
+                env={**(env or os.environ), "AIODP_LOG_LEVEL": "warning"},
             )  # fmt: skip
             async with asyncio.timeout(30):
                 await kubelet.registrations.get()
@@ -760,40 +840,43 @@ def bench_rss_by_component() -> list[tuple[str, float]]:
     return rows
 
 
-UPSTREAM_VERSION_STUB = """
-import sys, time, types
-t = time.perf_counter()
-if STUB:  # betterproto2 with a static version string: the upstream change, tried here
-    m = types.ModuleType("betterproto2._version")
-    m.__version__ = "0.10.0"
-    m.check_compiler_version = lambda version: None
-    sys.modules["betterproto2._version"] = m
-import asyncio, uvloop, betterproto2, aiodp.api.v1beta1
-took = time.perf_counter() - t
-rss = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]
-print(took * 1e3, int(rss) / 1024, "importlib.metadata" in sys.modules)
-"""
+def main_upstream(grpc_go: float | None) -> dict[str, float]:
+    """The speed patches of patches/, each figure on the installed packages and on patched
+    copies of them (bench.upstream); returns the patched start-up RSS and grpc-go ratio."""
+    from bench import upstream
 
-
-def bench_upstream_version(runs: int = 7) -> dict[bool, tuple[float, float, bool]]:
-    """asyncio, uvloop, betterproto2 and our messages imported in a fresh process, as
-    betterproto2 is (its _version imports importlib.metadata to read its own version) and
-    with that module replaced by a static string (an experiment, never done in aiodp):
-    median import ms, RSS MiB, and whether importlib.metadata got loaded."""
-    out = {}
-    for stub in (False, True):
-        rows = []
-        for _ in range(runs):
-            text = subprocess.run(
-                [sys.executable, "-c", UPSTREAM_VERSION_STUB.replace("STUB", str(stub))],
-                capture_output=True, text=True, cwd=ROOT, check=True,
-            ).stdout.split()  # fmt: skip
-            rows.append((float(text[0]), float(text[1]), text[2] == "True"))
-        out[stub] = (
-            statistics.median(r[0] for r in rows),
-            statistics.median(r[1] for r in rows),
-            rows[0][2],
-        )
+    tree = upstream.patched_tree()
+    env = upstream.env_with(tree)
+    print(f"\nUpstream patches (patches/: {', '.join(upstream.SPEED)}), applied to copies of "
+          "the installed packages for these figures only")  # fmt: skip
+    print(f"  {'figure':<58} {'as released':>12} {'patched':>12}")
+    imports = {t: upstream.bench_import(t) for t in (None, tree)}
+    encode = {t: upstream.bench_encode(t) for t in (None, tree)}
+    starts = {t: bench_startup(runs=6, env=upstream.env_with(t)) for t in (None, tree)}
+    calls = bench_allocate_patched(tree)
+    rows = [
+        ("asyncio, uvloop, betterproto2, messages: import ms", *(
+            f"{imports[t][0]:.1f}" for t in (None, tree))),
+        ("  the same: RSS MiB (importlib.metadata loaded?)", *(
+            f"{imports[t][1]:.1f} ({'yes' if imports[t][2] else 'no'})" for t in (None, tree))),
+        ("encode a small AllocateResponse: us (best of 7 x 2,000)", *(
+            f"{encode[t]:.1f}" for t in (None, tree))),
+        ("aiodp serve, exec -> registered: ms (median of 6)", *(
+            f"{statistics.median(starts[t]['starts']) * 1e3:.0f}" for t in (None, tree))),  # type: ignore[arg-type]
+        ("  RSS after start: MiB", *(
+            f"{statistics.median(starts[t]['rss']):.1f}" for t in (None, tree))),  # type: ignore[arg-type]
+        ("Allocate through grpcio: median ms (interleaved)", *(
+            f"{calls[k][0]:.3f}" for k in ("released", "patched"))),
+    ]  # fmt: skip
+    out = {"rss": statistics.median(starts[tree]["rss"])}  # type: ignore[arg-type]
+    if grpc_go is not None:
+        with_patches = bench_grpc_go(env)
+        assert with_patches is not None
+        rows.append(("a pod through the device manager: x a grpc-go plugin",
+                     f"{grpc_go:.2f}", f"{with_patches:.2f}"))  # fmt: skip
+        out["grpc_go"] = with_patches
+    for name, released, patched in rows:
+        print(f"  {name:<58} {released:>12} {patched:>12}")
     return out
 
 
@@ -813,12 +896,6 @@ def main_startup() -> dict[str, object]:
     print("  RSS by component (each import's addition, in start order):")
     for name, mib in bench_rss_by_component():
         print(f"    {name:<34} {mib:>6.1f} MiB")
-    u = bench_upstream_version()
-    print("  upstream: betterproto2 reads its own version with importlib.metadata (asyncio, "
-          "uvloop, betterproto2 and the messages, fresh process, median of 7):")  # fmt: skip
-    for stub, label in ((False, "as released"), (True, "with a static version (experiment)")):
-        ms, mib, meta = u[stub]
-        print(f"    {label:<36} {ms:>6.1f} ms {mib:>6.1f} MiB  importlib.metadata loaded: {meta}")
     return r
 
 
