@@ -852,6 +852,7 @@ def main_upstream(grpc_go: float | None) -> dict[str, float]:
     print(f"  {'figure':<58} {'as released':>12} {'patched':>12}")
     imports = {t: upstream.bench_import(t) for t in (None, tree)}
     encode = {t: upstream.bench_encode(t) for t in (None, tree)}
+    headers = {t: upstream.bench_headers(t) for t in (None, tree)}
     starts = {t: bench_startup(runs=6, env=upstream.env_with(t)) for t in (None, tree)}
     calls = bench_allocate_patched(tree)
     rows = [
@@ -861,6 +862,8 @@ def main_upstream(grpc_go: float | None) -> dict[str, float]:
             f"{imports[t][1]:.1f} ({'yes' if imports[t][2] else 'no'})" for t in (None, tree))),
         ("encode a small AllocateResponse: us (best of 7 x 2,000)", *(
             f"{encode[t]:.1f}" for t in (None, tree))),
+        ("HPACK: an answer's headers and trailers, sent before: us", *(
+            f"{headers[t]:.1f}" for t in (None, tree))),
         ("aiodp serve, exec -> registered: ms (median of 6)", *(
             f"{statistics.median(starts[t]['starts']) * 1e3:.0f}" for t in (None, tree))),  # type: ignore[arg-type]
         ("  RSS after start: MiB", *(

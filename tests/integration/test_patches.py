@@ -78,3 +78,48 @@ def test_patched_packages_encode_the_same_bytes_and_serve_a_call() -> None:
     served, h2_from = answers["patched"][-1].split()
     assert served == "True"
     assert h2_from.startswith(str(tree))
+
+
+HPACK_SEQUENCE = """
+import hpack
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+encoder, decoder = hpack.Encoder(), hpack.Decoder()
+answer = [(b":status", b"200"), (b"content-type", b"application/grpc+proto")]
+steps = [
+    answer, answer, answer, [(b"grpc-status", b"0")], [(b"grpc-status", b"0")], answer,
+    [(":status", "200"), ("content-type", "application/grpc+proto")],  # str, not bytes
+    [HeaderTuple(b"x-a", b"1")], [NeverIndexedHeaderTuple(b"x-a", b"1")],
+    [HeaderTuple(b"x-a", b"1")], [(b"x-b", b"2", True)], [(b"x-b", b"2", True)],
+    [(b"x-b", b"2")], [(b"x-b", b"2")], {b"x-c": b"3", b":status": b"404"},
+    {b"x-c": b"3", b":status": b"404"}, "RESIZE 60", answer, answer, "RESIZE 4096",
+    answer, answer, [(b"x-big", b"v" * 5000)], answer, answer, [(b"x-n", 7)], [(b"x-n", 7)],
+    answer, answer, answer, answer, answer, answer, answer, answer, answer, answer,
+]
+steps += [[(b"x-%d" % i, b"v")] for i in range(40)] + [answer, answer]
+for step in steps:
+    if isinstance(step, str):
+        encoder.header_table_size = int(step.split()[1])
+        print(step)
+        continue
+    block = encoder.encode(step)
+    decoder.header_table_size = encoder.header_table_size
+    print(block.hex(), len(decoder.decode(block)))
+print(len(getattr(encoder, "_blocks", ())), hpack.__file__)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_patched_hpack_encodes_every_block_as_released() -> None:
+    tree = upstream.patched_tree(("hpack-reuse-unchanged-header-blocks.patch",))
+    out = {}
+    for label, env in (("released", upstream.env_with(None)), ("patched", upstream.env_with(tree))):
+        out[label] = subprocess.run(
+            [sys.executable, "-c", HPACK_SEQUENCE], capture_output=True, text=True, env=env,
+            check=True,
+        ).stdout.splitlines()  # fmt: skip
+    kept, where = out["patched"][-1].split()
+    assert where.startswith(str(tree))
+    assert int(kept) > 0  # blocks were kept for reuse
+    assert out["released"][-1].split()[0] == "0"
+    assert out["patched"][:-1] == out["released"][:-1]
+    assert len(out["patched"]) == 80
