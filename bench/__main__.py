@@ -107,6 +107,15 @@ def start(
     return proc, line[1], line[2]
 
 
+def free_port() -> int:
+    """A loopback port free now, for /metrics (the flag takes no port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -775,7 +784,8 @@ def bench_startup(runs: int = 10, env: dict[str, str] | None = None) -> dict[str
             argv = [sys.executable, *(["-X", "importtime"] if trace else []), "-m", "aiodp",
                     "serve", "--backend", "simulated", "--simulated-devices", str(node),
                     "--kubelet-socket", str(directory / "kubelet.sock"),
-                    "--metrics-address", "", "--pod-resources-socket", ""]  # fmt: skip
+                    f"--metrics-address=127.0.0.1:{free_port()}",
+                    "--pod-resources-socket", ""]  # fmt: skip
             t = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
                 *argv, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
