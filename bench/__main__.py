@@ -370,8 +370,9 @@ BEFORE: Final = {
     "grpc_go": 2.17,
 }
 """Issue #15's figures at commit 29e3bf8 (DRA done, before the start-up and per-call work),
-measured here by this same bench (its start-up from source, as `make install` left it then;
-`grpc_go` by today's e2e comparison run against that commit's aiodp: 2.31, 2.15, 2.17)."""
+measured here by this same bench (its start-up from source, as `make install` left it then,
+and with /metrics off; `grpc_go` by today's e2e comparison run against that commit's aiodp:
+2.31, 2.15, 2.17)."""
 
 
 def main_profile() -> dict[str, dict[str, float]]:
