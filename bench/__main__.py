@@ -401,6 +401,8 @@ def main_targets(
         ("RSS after start, 8 GPUs", f"{BEFORE['rss']:.1f} MiB", f"{rss:.1f} MiB", "<= 32 MiB"),
         ("  the same with the patches of patches/", "-", f"{patched['rss']:.1f} MiB",
          "<= 32 MiB"),
+        ("  and without prometheus' HTTP modules (try)", "-", f"{patched['rss_lean']:.1f} MiB",
+         "<= 32 MiB"),
         ("RSS, 1,024 replicas", f"{BEFORE['rss_1024']:.1f} MiB", f"{replicas['rss']:.1f} MiB",
          "<= 50 MiB"),
         ("Allocate, x the bare grpclib floor", f"{BEFORE['allocate_x_floor']:.2f}",
@@ -893,6 +895,11 @@ def main_upstream(grpc_go: float | None) -> dict[str, float]:
             f"{calls[k][0]:.3f}" for k in ("released", "patched"))),
     ]  # fmt: skip
     out = {"rss": statistics.median(starts[tree]["rss"])}  # type: ignore[arg-type]
+    lean = upstream.without_http_machinery(upstream.patched_tree())
+    experiment = bench_startup(runs=6, env=upstream.env_with(lean))
+    out["rss_lean"] = statistics.median(experiment["rss"])  # type: ignore[arg-type]
+    rows.insert(6, ("    and prometheus-client's HTTP modules never loaded (try)",
+                    "-", f"{out['rss_lean']:.1f}"))  # fmt: skip
     if grpc_go is not None:
         with_patches = bench_grpc_go(env)
         assert with_patches is not None

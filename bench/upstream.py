@@ -59,6 +59,33 @@ def _no_bytecode(directory: str, names: list[str]) -> list[str]:
     return [n for n in names if n == "__pycache__"]
 
 
+STAND_INS: Final = ("http.server", "socketserver", "urllib.request", "wsgiref.simple_server")
+"""What prometheus-client's exposition.py imports for its own HTTP server and push gateway,
+which aiodp never uses (patches/README.md: the change described, not written)."""
+
+SITECUSTOMIZE: Final = f"""# aiodp bench experiment: prometheus-client without its HTTP machinery
+import sys, types
+
+class StandIn(types.ModuleType):  # any class prometheus_client asks for: an empty one
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        made = type(name, (), {{}})
+        setattr(self, name, made)
+        return made
+
+for name in {STAND_INS!r}:
+    sys.modules[name] = StandIn(name)
+"""
+
+
+def without_http_machinery(tree: Path) -> Path:
+    """`tree` plus a sitecustomize that puts empty stand-ins for STAND_INS in sys.modules:
+    what aiodp would load if prometheus-client imported them only for its own server."""
+    (tree / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return tree
+
+
 def env_with(tree: Path | None) -> dict[str, str]:
     """The environment of a measured process: the patched packages first, or as installed."""
     env = dict(os.environ)
