@@ -207,8 +207,8 @@ class _Answers:
 
     The kubelet asks the same questions again (a node has few devices), and on the same
     state a question gets the same answer (`allocate.build_response`, `allocate.preferred`),
-    so an answer is worked out and encoded once: that is two thirds of what our code and
-    betterproto2 spend on a call. A new state clears it. Bounded: `MAX_ANSWERS` answers, and
+    so an answer is worked out and encoded once (for `Allocate`, aiodp's and betterproto2's
+    share of a call went from 17 % to 11 %). A new state clears it. Bounded: `MAX_ANSWERS` answers, and
     only questions naming at most `MAX_IDS` device IDs are kept (the key holds them).
     """
 
