@@ -208,8 +208,9 @@ class _Answers:
     The kubelet asks the same questions again (a node has few devices), and on the same
     state a question gets the same answer (`allocate.build_response`, `allocate.preferred`),
     so an answer is worked out and encoded once (for `Allocate`, aiodp's and betterproto2's
-    share of a call went from 17 % to 11 %). A new state clears it. Bounded: `MAX_ANSWERS` answers, and
-    only questions naming at most `MAX_IDS` device IDs are kept (the key holds them).
+    share of a call went from 17 % to 11 %). A new state clears it. Bounded: `MAX_ANSWERS`
+    answers, and only questions naming at most `MAX_IDS` device IDs are kept (the key holds
+    them).
     """
 
     MAX_ANSWERS: Final = 128

@@ -1,6 +1,7 @@
 """What the demo and the tests run the plugin on: a simulated 8-GPU node, atomic file edits,
-a wait for the stand-in kubelet's next update, a tiny HTTP GET for our own endpoints, and a
-busy node (the plugin with counters, pods and /metrics) for the dashboard and the bench."""
+a wait for the stand-in kubelet's next update, a tiny HTTP GET for our own endpoints, a
+busy node (the plugin with counters, pods and /metrics) for the dashboard and the bench,
+a free port and a process's RSS."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,23 @@ from aiodp.status import Status
 log = logging.getLogger(__name__)
 
 GPUS: Final = 8
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (for /metrics and the stand-ins' servers; the
+    plugin's flag takes no port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def h100_node(

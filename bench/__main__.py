@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiodp import topology
+from aiodp.testbed import free_port, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,23 +106,6 @@ def start(
     if not line or line[0] != "READY":
         raise RuntimeError(f"{kind} server did not start")
     return proc, line[1], line[2]
-
-
-def free_port() -> int:
-    """A loopback port free now, for /metrics (the flag takes no port 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Scraper(threading.Thread):

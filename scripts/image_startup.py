@@ -4,7 +4,6 @@ RSS then, median of 5 starts, on a read-only root (every import must come from t
 built into the image)."""
 
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -12,19 +11,7 @@ import time
 from pathlib import Path
 
 from aiodp.fakekubelet import FakeKubelet
-from aiodp.testbed import h100_node
-
-
-def free_port() -> int:
-    """A loopback port free now, for /metrics (the flag takes no port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+from aiodp.testbed import free_port, h100_node, rss_mib
 
 
 async def once() -> tuple[float, float]:

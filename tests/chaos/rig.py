@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ import psutil
 
 from aiodp import metrics
 from aiodp.fakekubelet import FakeKubelet, Update
-from aiodp.testbed import h100_node, http_get, next_update, write_atomically
+from aiodp.testbed import free_port, h100_node, http_get, next_update, write_atomically
 
 GPU = "nvidia.com/gpu"
 
@@ -105,12 +104,6 @@ class Rig:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def rig(*extra: str) -> AsyncIterator[Rig]:
     """The plugin on 8 simulated GPUs with a config file, registered, first list in."""
@@ -118,7 +111,7 @@ async def rig(*extra: str) -> AsyncIterator[Rig]:
     devices, config = directory / "devices.yaml", directory / "config.yaml"
     devices.write_text(h100_node())
     config.write_text("version: v1\n")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     log = (directory / "plugin.log").open("wb")
     try:
         async with FakeKubelet(directory) as kubelet:

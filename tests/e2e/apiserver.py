@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 import subprocess
 import urllib.error
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from aiodp.testbed import free_port
 from tests.e2e.peer import CACHE
 
 TOKEN = "aiodp-e2e-admin-token"
@@ -42,18 +42,12 @@ async def stop(proc: asyncio.subprocess.Process, within: float = 10) -> None:
         await proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ApiServer:
     def __init__(self, directory: Path, *extra: str) -> None:
         self.directory = directory
         self.extra = extra
         """More kube-apiserver flags (e.g. --runtime-config for an old kubelet's API)."""
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self._procs: list[asyncio.subprocess.Process] = []
         self._tls = ssl.create_default_context()
@@ -74,7 +68,7 @@ class ApiServer:
 
     async def __aenter__(self) -> ApiServer:
         d = self.directory
-        client, peer = _free_port(), _free_port()
+        client, peer = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{client}"
         self._procs.append(
             await self._spawn(
