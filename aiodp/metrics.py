@@ -7,6 +7,7 @@ can never disagree with the registry.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -381,9 +382,18 @@ def observe_snapshot(resource: str) -> None:
     SNAPSHOTS.labels(resource).inc()
 
 
+@functools.lru_cache(maxsize=256)
+def _request_children(method: str, resource: str, code: str) -> tuple[Counter, Histogram]:
+    """The two label children a call updates, looked up once (`labels()` takes a lock and
+    builds a key per call); children are never removed here. Bounded: methods, resources
+    and status codes are few."""
+    return REQUESTS.labels(method, resource, code), LATENCY.labels(method, resource)
+
+
 def observe_request(method: str, resource: str, code: str, seconds: float) -> None:
-    REQUESTS.labels(method, resource, code).inc()
-    LATENCY.labels(method, resource).observe(seconds)
+    count, latency = _request_children(method, resource, code)
+    count.inc()
+    latency.observe(seconds)
 
 
 def observe_nvml_error(function: str) -> None:
