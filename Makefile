@@ -89,7 +89,7 @@ proto-check: $(STAMP) ## fail when aiodp/api/, aiodp/podresapi/ or aiodp/draapi/
 	echo "proto-check: aiodp/api, aiodp/podresapi and aiodp/draapi are up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-bench: $(STAMP) ## tables: preferred allocation, Allocate vs the floor, /metrics, 1,024 replicas, DRA, start-up, RSS, per-call profile
+bench: $(STAMP) ## tables: preferred allocation, Allocate vs the floor, /metrics, 1,024 replicas, DRA, start-up, RSS, per-call profile, patches/, vs grpc-go (with make e2e's peers)
 	$(BIN)/python -m compileall -q aiodp  # starts are timed as installed: from bytecode
 	$(BIN)/python -m bench
 
