@@ -44,6 +44,11 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def gpu_uuid(i: int) -> str:
+    """The UUID of simulated GPU `i` of `h100_node`."""
+    return f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"
+
+
 def h100_node(
     unhealthy: dict[int, str] | None = None,
     metrics: Mapping[int, Mapping[str, object]] | None = None,
@@ -54,7 +59,7 @@ def h100_node(
     lines = ["gpus:"]
     for i in range(GPUS):
         lines += [
-            f"  - uuid: GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}",
+            f"  - uuid: {gpu_uuid(i)}",
             "    name: NVIDIA H100 80GB HBM3",
             f"    index: {i}",
             "    memory_mib: 81559",

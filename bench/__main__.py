@@ -5,6 +5,7 @@ Timing targets are read here by people, never asserted in tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -15,12 +16,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
 from aiodp import topology
-from aiodp.testbed import free_port, rss_mib
+from aiodp.testbed import free_port, gpu_uuid, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +109,52 @@ def start(
     return proc, line[1], line[2]
 
 
+Server = tuple[subprocess.Popen[str], str, str]
+"""A process started by `start`: the process, its plugin socket, its /metrics address."""
+
+
+def stop(servers: dict[str, Server]) -> None:
+    for proc, _, _ in servers.values():
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=15)
+
+
+def allocate_request(api_pb2: Any, device_id: str) -> Any:
+    """A grpcio AllocateRequest for one device."""
+    return api_pb2.AllocateRequest(
+        container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=[device_id])]
+    )
+
+
+@contextlib.contextmanager
+def allocate_stubs(
+    servers: dict[str, Server], request: Any, warm_up: int = 300
+) -> Iterator[dict[str, Callable[..., object]]]:
+    """grpcio's Allocate on each server's socket, each warmed up with `warm_up` calls."""
+    import grpc
+
+    _, api_pb2_grpc = grpcio_stubs()
+    with contextlib.ExitStack() as channels:
+        stubs = {}
+        for label, (_, path, _) in servers.items():
+            channel = channels.enter_context(grpc.insecure_channel(f"unix://{path}"))
+            stubs[label] = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
+            for _ in range(warm_up):
+                stubs[label](request, timeout=5)
+        yield stubs
+
+
+def timed(call: Callable[..., object], request: Any, n: int) -> list[float]:
+    """Seconds of each of `n` calls."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call(request, timeout=5)
+        out.append(time.perf_counter() - t)
+    return out
+
+
 class Scraper(threading.Thread):
     """GET /metrics once a second while `on` is set."""
 
@@ -131,51 +178,27 @@ class Scraper(threading.Thread):
 def bench_allocate(
     rounds: int = 4, calls: int = 500
 ) -> tuple[dict[str, tuple[float, float]], float, int]:
-    import grpc
-
-    api_pb2, api_pb2_grpc = grpcio_stubs()
+    api_pb2, _ = grpcio_stubs()
     directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
     servers = {kind: start(kind, directory) for kind in ("floor", "plugin")}
     samples: dict[str, list[float]] = {kind: [] for kind in (*servers, "plugin+metrics")}
     scraper = Scraper(servers["plugin"][2])
     scraper.start()
-    request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
-        container_requests=[
-            api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
-                devices_ids=["GPU-00000000-aiod-4d3e-8f00-00005eed0000"]
-            )
-        ]
-    )
+    request = allocate_request(api_pb2, gpu_uuid(0))
     try:
-        stubs: dict[str, Callable[..., object]] = {}
-        channels = []
-        for kind, (_, path, _) in servers.items():
-            channel = grpc.insecure_channel(f"unix://{path}")
-            channels.append(channel)
-            stubs[kind] = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
-            for _ in range(300):
-                stubs[kind](request, timeout=5)
-        for _ in range(rounds):
-            for kind in ("floor", "plugin", "plugin+metrics"):
-                call = stubs[kind.split("+")[0]]
-                n = calls
-                if kind == "plugin+metrics":
-                    scraper.on.set()
-                    n = calls * 4  # long enough for several scrapes a round
-                for _ in range(n):
-                    t = time.perf_counter()
-                    call(request, timeout=5)
-                    samples[kind].append(time.perf_counter() - t)
-                scraper.on.clear()
-        for channel in channels:
-            channel.close()
+        with allocate_stubs(servers, request) as stubs:
+            for _ in range(rounds):
+                for kind in ("floor", "plugin", "plugin+metrics"):
+                    n = calls
+                    if kind == "plugin+metrics":
+                        scraper.on.set()
+                        n = calls * 4  # long enough for several scrapes a round
+                    samples[kind] += timed(stubs[kind.split("+")[0]], request, n)
+                    scraper.on.clear()
         rss = rss_mib(servers["plugin"][0].pid)
     finally:
         scraper.done.set()
-        for proc, _, _ in servers.values():
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(timeout=15)
+        stop(servers)
     return {kind: stats(s) for kind, s in samples.items()}, rss, scraper.scrapes
 
 
@@ -257,20 +280,9 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
     try:
         with grpc.insecure_channel(f"unix://{path}") as channel:
             call = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
-            request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
-                container_requests=[
-                    api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
-                        devices_ids=["GPU-00000003-aiod-4d3e-8f00-00005eed0003::17"]
-                    )
-                ]
-            )
-            for _ in range(300):
-                call(request, timeout=5)
-            samples = []
-            for _ in range(calls):
-                t = time.perf_counter()
-                call(request, timeout=5)
-                samples.append(time.perf_counter() - t)
+            request = allocate_request(api_pb2, f"{gpu_uuid(3)}::17")
+            timed(call, request, 300)
+            samples = timed(call, request, calls)
         rss = rss_mib(proc.pid)
     finally:
         assert proc.stdin is not None
@@ -603,14 +615,9 @@ def bench_call_profile(
     import grpc
 
     api_pb2, api_pb2_grpc = grpcio_stubs()
-    ids = [f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}" for i in range(8)]
+    ids = [gpu_uuid(i) for i in range(8)]
     requests: dict[str, Callable[[Any], object]] = {
-        "Allocate": lambda stub: stub.Allocate(
-            api_pb2.AllocateRequest(  # type: ignore[attr-defined]
-                container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids[:1])]  # type: ignore[attr-defined]
-            ),
-            timeout=5,
-        ),
+        "Allocate": lambda stub: stub.Allocate(allocate_request(api_pb2, ids[0]), timeout=5),
         "GetPreferredAllocation": lambda stub: stub.GetPreferredAllocation(
             api_pb2.PreferredAllocationRequest(  # type: ignore[attr-defined]
                 container_requests=[
@@ -651,42 +658,22 @@ def bench_allocate_patched(
 ) -> dict[str, tuple[float, float]]:
     """Allocate through grpcio against two plugin processes, on the installed packages and
     with the speed patches of patches/ (interleaved rounds): median and p99 ms."""
-    import grpc
-
     from bench import upstream
 
-    api_pb2, api_pb2_grpc = grpcio_stubs()
-    request = api_pb2.AllocateRequest(  # type: ignore[attr-defined]
-        container_requests=[api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
-            devices_ids=["GPU-00000000-aiod-4d3e-8f00-00005eed0000"])]
-    )  # fmt: skip
+    api_pb2, _ = grpcio_stubs()
+    request = allocate_request(api_pb2, gpu_uuid(0))
     servers = {
         label: start("plugin", Path(tempfile.mkdtemp(prefix="aiodp-bench-")), env=env)
         for label, env in (("released", None), ("patched", upstream.env_with(tree)))
     }
     samples: dict[str, list[float]] = {label: [] for label in servers}
-    channels = {label: grpc.insecure_channel(f"unix://{s[1]}") for label, s in servers.items()}
     try:
-        stubs = {
-            label: api_pb2_grpc.DevicePluginStub(c).Allocate  # type: ignore[attr-defined]
-            for label, c in channels.items()
-        }
-        for call in stubs.values():
-            for _ in range(300):
-                call(request, timeout=5)
-        for _ in range(rounds):
-            for label, call in stubs.items():
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    call(request, timeout=5)
-                    samples[label].append(time.perf_counter() - t)
+        with allocate_stubs(servers, request) as stubs:
+            for _ in range(rounds):
+                for label, call in stubs.items():
+                    samples[label] += timed(call, request, calls)
     finally:
-        for channel in channels.values():
-            channel.close()
-        for proc, _, _ in servers.values():
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(timeout=15)
+        stop(servers)
     return {label: stats(s) for label, s in samples.items()}
 
 
@@ -717,6 +704,7 @@ def bench_soak(calls: int = 10_000, flips: int = 1_000) -> list[tuple[str, float
     """The plugin process's RSS after start, after `calls` Allocate (each of the 8 GPUs in
     turn) and `calls` more, after `flips` health flips (each seen on the kubelet stand-in's
     stream) and `flips` more: the second batch of each must add nothing."""
+    assert flips % 2 == 0, "an odd batch leaves GPU 3 sick: the next flip would change nothing"
     import grpc
 
     api_pb2, api_pb2_grpc = grpcio_stubs()
@@ -725,16 +713,7 @@ def bench_soak(calls: int = 10_000, flips: int = 1_000) -> list[tuple[str, float
     assert proc.stdin is not None
     assert proc.stdout is not None
     rows = [("after start", rss_mib(proc.pid))]
-    requests = [
-        api_pb2.AllocateRequest(  # type: ignore[attr-defined]
-            container_requests=[
-                api_pb2.ContainerAllocateRequest(  # type: ignore[attr-defined]
-                    devices_ids=[f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"]
-                )
-            ]
-        )
-        for i in range(8)
-    ]
+    requests = [allocate_request(api_pb2, gpu_uuid(i)) for i in range(8)]
     try:
         with grpc.insecure_channel(f"unix://{path}") as channel:
             allocate = api_pb2_grpc.DevicePluginStub(channel).Allocate  # type: ignore[attr-defined]
