@@ -73,20 +73,20 @@ lint: $(STAMP) ## ruff format check, ruff check, import-linter, mypy strict
 typecheck: $(STAMP) ## mypy: strict on aiodp/, untyped defs allowed but checked in tests/, bench/, scripts/
 	$(BIN)/mypy
 
-proto: $(STAMP) ## regenerate aiodp/api/, aiodp/podresapi/ and aiodp/draapi/ from protos/ with betterproto2
-	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/api $(PROTO)
-	mkdir -p aiodp/podresapi aiodp/draapi
-	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/podresapi $(PODRES_PROTO)
-	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/draapi $(DRA_PROTOS)
+proto: $(STAMP) ## regenerate aiodp/gen/deviceplugin/, aiodp/gen/podresources/ and aiodp/gen/dra/ from protos/ with betterproto2
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/gen/deviceplugin $(PROTO)
+	mkdir -p aiodp/gen/podresources aiodp/gen/dra
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/gen/podresources $(PODRES_PROTO)
+	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=aiodp/gen/dra $(DRA_PROTOS)
 
-proto-check: $(STAMP) ## fail when aiodp/api/, aiodp/podresapi/ or aiodp/draapi/ differs from what protos/ generates
+proto-check: $(STAMP) ## fail when aiodp/gen/deviceplugin/, aiodp/gen/podresources/ or aiodp/gen/dra/ differs from what protos/ generates
 	@tmp=$$(mktemp -d) && mkdir $$tmp/api $$tmp/podresapi $$tmp/draapi && \
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/api $(PROTO) >/dev/null && \
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/podresapi $(PODRES_PROTO) >/dev/null && \
 	PATH=$(abspath $(BIN)):$$PATH $(PROTOC) --python_betterproto2_out=$$tmp/draapi $(DRA_PROTOS) >/dev/null && \
-	diff -r -x __pycache__ $$tmp/api aiodp/api && diff -r -x __pycache__ $$tmp/podresapi aiodp/podresapi && \
-	diff -r -x __pycache__ $$tmp/draapi aiodp/draapi && \
-	echo "proto-check: aiodp/api, aiodp/podresapi and aiodp/draapi are up to date"; \
+	diff -r -x __pycache__ $$tmp/api aiodp/gen/deviceplugin && diff -r -x __pycache__ $$tmp/podresapi aiodp/gen/podresources && \
+	diff -r -x __pycache__ $$tmp/draapi aiodp/gen/dra && \
+	echo "proto-check: aiodp/gen/deviceplugin, aiodp/gen/podresources and aiodp/gen/dra are up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
 bench: $(STAMP) ## tables: preferred allocation, Allocate vs the floor, /metrics, 1,024 replicas, DRA, start-up, RSS, per-call profile, patches/, vs grpc-go (with make e2e's peers)

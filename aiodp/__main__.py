@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiodp
-from aiodp import config, logs
-from aiodp.errors import ConfigError
+from aiodp.config import resolve as config
+from aiodp.kit import logs
+from aiodp.kit.errors import ConfigError
 
 # Each command imports what it runs (start-up time: `serve` never loads the demo, the kubelet
 # stand-in or the status client; `status` never loads the plugin).
@@ -57,13 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     if cfg.command == "status":
-        from aiodp import statuscli
+        from aiodp.ops import statuscli
 
         return statuscli.run(cfg)
     if cfg.command == "demo":
         # The demo prints its own story on stdout; logs stay for warnings unless debugging.
         logs.configure("debug" if cfg.log_level == "debug" else "warning", cfg.log_format)
-        from aiodp import demo
+        from aiodp.standins import demo
 
         return _run(demo.run(cfg))
     logs.configure(cfg.log_level, cfg.log_format)

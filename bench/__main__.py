@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from aiodp import topology
-from aiodp.testbed import free_port, gpu_uuid, rss_mib
+from aiodp.gpus import topology
+from aiodp.standins.testbed import free_port, gpu_uuid, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,8 +208,8 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
 
     import grpc
 
-    from aiodp import server as srv
-    from aiodp.fakekubelet import FakeKubelet
+    from aiodp.deviceplugin import server as srv
+    from aiodp.standins.kubelet import FakeKubelet
     from bench.server import REPLICAS_128
     from tests.builders import replica, to_api
 
@@ -234,8 +234,8 @@ def bench_replicas(calls: int = 2000) -> dict[str, float]:
 
     async def flips() -> list[float]:
         from aiodp import app
-        from aiodp import config as cfg
-        from aiodp.testbed import h100_node
+        from aiodp.config import resolve as cfg
+        from aiodp.standins.testbed import h100_node
 
         directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
         node = directory / "devices.yaml"
@@ -425,7 +425,7 @@ def bench_dra(rounds: int = 40) -> dict[str, tuple[float, float]]:
 
     import grpc
 
-    from aiodp.testbed import h100_node, write_atomically
+    from aiodp.standins.testbed import h100_node, write_atomically
     from tests.grpcio_stubs import dra_stubs
     from tests.harness import running
     from tests.kubeapi import FakeApi
@@ -505,7 +505,7 @@ def bench_gpu_metrics() -> list[tuple[str, float, float, float]]:
     and with 1,024 (8 x 128 replicas, one pod each); the bench process's RSS after each."""
     import asyncio
 
-    from aiodp.testbed import busy_node, http_get, next_update
+    from aiodp.standins.testbed import busy_node, http_get, next_update
     from bench.server import REPLICAS_128
 
     async def one(pods: int) -> tuple[float, float, float]:
@@ -537,10 +537,10 @@ def bench_collection_cpu(readings: int = 200) -> dict[str, float]:
     plus a pod-resources List of 100 pods), and its share of a core at the default interval."""
     import asyncio
 
-    from aiodp import config as cfg
-    from aiodp.fakepodresources import FakePodResources
-    from aiodp.nvml import NvmlBackend
-    from aiodp.podresources import Attribution
+    from aiodp.config import model
+    from aiodp.gpus.nvml import NvmlBackend
+    from aiodp.ops.podresources import Attribution
+    from aiodp.standins.podresources import FakePodResources
     from tests.fakenvml import dgx
 
     async def run() -> tuple[float, float]:
@@ -571,7 +571,7 @@ def bench_collection_cpu(readings: int = 200) -> dict[str, float]:
         return nvml, pods
 
     nvml, pods = asyncio.run(run())
-    interval = cfg.Config().device_metrics_interval
+    interval = model.Config().device_metrics_interval
     return {"nvml": nvml * 1e3, "pods": pods * 1e3, "share": (nvml + pods) / interval * 100,
             "interval": interval}  # fmt: skip
 
@@ -593,7 +593,7 @@ CALL_PARTS = ("aiodp", "betterproto2 + messages", "grpclib", "h2 + HPACK", "loop
 
 
 def _part(filename: str) -> str:
-    if "/aiodp/api/" in filename or "/betterproto2/" in filename:
+    if "/aiodp/gen/deviceplugin/" in filename or "/betterproto2/" in filename:
         return "betterproto2 + messages"
     if "/aiodp/" in filename:
         return "aiodp"
@@ -739,8 +739,8 @@ def bench_startup(runs: int = 10, env: dict[str, str] | None = None) -> dict[str
     import asyncio
     import signal
 
-    from aiodp.fakekubelet import FakeKubelet
-    from aiodp.testbed import h100_node
+    from aiodp.standins.kubelet import FakeKubelet
+    from aiodp.standins.testbed import h100_node
 
     async def once(trace: bool) -> tuple[float, float, str]:
         directory = Path(tempfile.mkdtemp(prefix="aiodp-bench-"))
@@ -797,7 +797,7 @@ RSS_STEPS = (
     ("uvloop", "import uvloop"),
     ("betterproto2", "import betterproto2"),
     ("grpclib (+ h2, hpack)", "import grpclib.server, grpclib.client"),
-    ("the generated messages", "import aiodp.api.v1beta1"),
+    ("the generated messages", "import aiodp.gen.deviceplugin.v1beta1"),
     ("yaml", "import yaml"),
     ("pynvml", "import pynvml"),
     ("prometheus_client", "import prometheus_client"),

@@ -17,11 +17,11 @@ import grpclib.server
 import uvloop
 
 from aiodp import app
-from aiodp import config as cfg
-from aiodp.api import v1beta1 as api
-from aiodp.fakekubelet import FakeKubelet
-from aiodp.status import Status
-from aiodp.testbed import h100_node, next_update, write_atomically
+from aiodp.config import resolve as cfg
+from aiodp.gen.deviceplugin import v1beta1 as api
+from aiodp.ops.status import Status
+from aiodp.standins.kubelet import FakeKubelet
+from aiodp.standins.testbed import h100_node, next_update, write_atomically
 
 FIXED = api.AllocateResponse(
     container_responses=[

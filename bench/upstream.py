@@ -97,7 +97,7 @@ def env_with(tree: Path | None) -> dict[str, str]:
 IMPORT: Final = """
 import sys, time
 t = time.perf_counter()
-import asyncio, uvloop, betterproto2, aiodp.api.v1beta1
+import asyncio, uvloop, betterproto2, aiodp.gen.deviceplugin.v1beta1
 took = time.perf_counter() - t
 rss = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]
 print(took * 1e3, int(rss) / 1024, "importlib.metadata" in sys.modules, betterproto2.__file__)
@@ -105,7 +105,7 @@ print(took * 1e3, int(rss) / 1024, "importlib.metadata" in sys.modules, betterpr
 
 ENCODE: Final = """
 import time
-from aiodp.api.v1beta1 import AllocateResponse, ContainerAllocateResponse, DeviceSpec
+from aiodp.gen.deviceplugin.v1beta1 import AllocateResponse, ContainerAllocateResponse, DeviceSpec
 message = AllocateResponse(container_responses=[ContainerAllocateResponse(
     envs={"NVIDIA_VISIBLE_DEVICES": "GPU-00000000-aiod-4d3e-8f00-00005eed0000"},
     devices=[DeviceSpec(container_path="/dev/nvidia0", host_path="/dev/nvidia0",

@@ -251,8 +251,8 @@ async def record(count: int = 12) -> list[dict[str, float]]:
 
 
 async def _record(count: int) -> list[dict[str, float]]:
-    from aiodp import metrics
-    from aiodp.testbed import (
+    from aiodp.kit import metrics
+    from aiodp.standins.testbed import (
         DEMO_METRICS,
         busy_node,
         h100_node,

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aiodp import app
-from aiodp.backend import GpuMetrics, control_paths
-from aiodp.config import RESOURCE_GPU, Config
-from aiodp.errors import BackendUnavailable
-from aiodp.fakekubelet import FakeKubelet
-from aiodp.nvml import NvmlBackend
+from aiodp.config.model import RESOURCE_GPU, Config
+from aiodp.gpus.backend import GpuMetrics, control_paths
+from aiodp.gpus.nvml import NvmlBackend
+from aiodp.kit.errors import BackendUnavailable
+from aiodp.standins.kubelet import FakeKubelet
 
 SMI_FIELDS = (
     "uuid,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu,clocks.sm,"

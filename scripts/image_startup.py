@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiodp.fakekubelet import FakeKubelet
-from aiodp.testbed import free_port, h100_node, rss_mib
+from aiodp.standins.kubelet import FakeKubelet
+from aiodp.standins.testbed import free_port, h100_node, rss_mib
 
 
 async def once() -> tuple[float, float]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from aiodp import topology
-from aiodp.api import v1beta1 as api
-from aiodp.config import Config
-from aiodp.devices import Device, DeviceRegistry, Health, Kind, Resource, Uuid
+from aiodp.config.model import Config
+from aiodp.gen.deviceplugin import v1beta1 as api
+from aiodp.gpus import topology
+from aiodp.gpus.devices import Device, DeviceRegistry, Health, Kind, Resource, Uuid
 
 RES = "nvidia.com/gpu"
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiodp import app, metrics
-from aiodp import config as cfg
-from aiodp.backend import DeviceBackend
-from aiodp.config import Config
-from aiodp.fakekubelet import FakeKubelet
-from aiodp.status import Status
-from aiodp.testbed import h100_node, http_get, next_update, write_atomically
+from aiodp import app
+from aiodp.config import resolve as cfg
+from aiodp.config.model import Config
+from aiodp.gpus.backend import DeviceBackend
+from aiodp.kit import metrics
+from aiodp.ops.status import Status
+from aiodp.standins.kubelet import FakeKubelet
+from aiodp.standins.testbed import h100_node, http_get, next_update, write_atomically
 
 __all__ = ["Running", "h100_node", "next_update", "running", "scrape", "write_atomically"]
 

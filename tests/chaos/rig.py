@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psutil
 
-from aiodp import metrics
-from aiodp.fakekubelet import FakeKubelet, Update
-from aiodp.testbed import free_port, h100_node, http_get, next_update, write_atomically
+from aiodp.kit import metrics
+from aiodp.standins.kubelet import FakeKubelet, Update
+from aiodp.standins.testbed import free_port, h100_node, http_get, next_update, write_atomically
 
 GPU = "nvidia.com/gpu"
 

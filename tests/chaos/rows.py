@@ -18,9 +18,9 @@ import grpc
 import h2.config
 import h2.connection
 
-from aiodp import metrics
-from aiodp.server import varint
-from aiodp.testbed import h100_node, http_get, write_atomically
+from aiodp.deviceplugin.server import varint
+from aiodp.kit import metrics
+from aiodp.standins.testbed import h100_node, http_get, write_atomically
 from tests.chaos.rig import GPU, Rig, plugin_log
 from tests.grpcio_stubs import api_pb2, api_pb2_grpc
 

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from aiodp.testbed import free_port
+from aiodp.standins.testbed import free_port
 from tests.e2e.peer import CACHE
 
 TOKEN = "aiodp-e2e-admin-token"

@@ -21,7 +21,7 @@ from typing import Any
 import inotify_simple
 import pytest
 
-from aiodp import metrics
+from aiodp.kit import metrics
 from tests.e2e.conftest import report
 from tests.e2e.peer import DeviceManager, device_manager, versions
 from tests.harness import Running, h100_node, running, write_atomically
@@ -233,7 +233,7 @@ async def test_e2e_kubelet_sock_before_listen(
     """kubelet.sock is there 40 ms before the kubelet listens on it: the first Register gets
     ECONNREFUSED and listen() makes no inotify event. The plugin retries after 10 and 20 ms,
     then registers with the kubelet that starts, without the 0.5 s backoff."""
-    caplog.set_level(logging.DEBUG, logger="aiodp.registration")
+    caplog.set_level(logging.DEBUG, logger="aiodp.deviceplugin.registration")
     async with device_manager(version, plugins(short_dir)) as dm, plugin(short_dir) as rp:
         await restart_with_prebind(dm, rp, 40, "refuse")
     messages = [r.getMessage() for r in caplog.records]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from aiodp.backend import control_paths
-from aiodp.devices import Health
-from aiodp.nvml import NvmlBackend
+from aiodp.gpus.backend import control_paths
+from aiodp.gpus.devices import Health
+from aiodp.gpus.nvml import NvmlBackend
 
 
 def _nvml_works() -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from aiodp import metrics
+from aiodp.kit import metrics
 from tests import scripts
 from tests.helm.test_chart import kind, render
 

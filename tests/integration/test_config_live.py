@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aiodp.fakekubelet import Registration
+from aiodp.standins.kubelet import Registration
 from tests.harness import Running, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration

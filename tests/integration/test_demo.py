@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aiodp import demo
-from aiodp.config import Config
+from aiodp.config.model import Config
+from aiodp.standins import demo
 
 pytestmark = pytest.mark.integration
 

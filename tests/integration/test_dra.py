@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 import pytest
 
-from aiodp import config as cfg
-from aiodp import simulated, statuscli
-from aiodp.config import Config
-from aiodp.testbed import GPUS
+from aiodp.config import resolve as cfg
+from aiodp.config.model import Config
+from aiodp.gpus import simulated
+from aiodp.ops import statuscli
+from aiodp.standins.testbed import GPUS
 from tests.grpcio_stubs import dra_stubs
 from tests.harness import Running, h100_node, next_update, running, write_atomically
 from tests.kubeapi import FakeApi
@@ -407,9 +408,10 @@ def dra_grpc_health(ch: grpc.aio.Channel) -> Any:
 async def test_dra_prepare_is_bounded_in_time_and_in_claims(short_dir: Path) -> None:
     """A claim whose read never answers costs the call its budget, not the kubelet's
     deadline; the claims after it get an error each; past MAX_PREPARED, a claim is refused."""
-    from aiodp import draclaims, sharing
-    from aiodp.claims import ClaimRef
-    from aiodp.devices import DeviceRegistry
+    from aiodp.dra import prepared as draclaims
+    from aiodp.dra.claims import ClaimRef
+    from aiodp.gpus import sharing
+    from aiodp.gpus.devices import DeviceRegistry
 
     stalled = asyncio.Event()
 

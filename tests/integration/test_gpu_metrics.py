@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from aiodp import podresources, statuscli
-from aiodp.backend import DeviceBackend, GpuMetrics
-from aiodp.config import Config
-from aiodp.fakepodresources import FakePodResources
-from aiodp.simulated import SimulatedBackend
-from aiodp.testbed import http_get
+from aiodp.config.model import Config
+from aiodp.gpus.backend import DeviceBackend, GpuMetrics
+from aiodp.gpus.simulated import SimulatedBackend
+from aiodp.ops import podresources, statuscli
+from aiodp.standins.podresources import FakePodResources
+from aiodp.standins.testbed import http_get
 from tests.harness import h100_node, next_update, running, scrape, write_atomically
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aiodp.config import RESOURCE_GPU, Config
-from aiodp.fakekubelet import FakeKubelet
-from aiodp.simulated import SimulatedBackend
+from aiodp.config.model import RESOURCE_GPU, Config
+from aiodp.gpus.simulated import SimulatedBackend
+from aiodp.standins.kubelet import FakeKubelet
 from tests.harness import h100_node, next_update, running, write_atomically
 
 pytestmark = pytest.mark.integration
@@ -198,7 +198,7 @@ async def test_lifecycle_stand_in_refuses_like_the_kubelet(
     from grpclib.client import Channel
     from grpclib.const import Status
 
-    from aiodp.api.v1beta1 import RegisterRequest, RegistrationStub
+    from aiodp.gen.deviceplugin.v1beta1 import RegisterRequest, RegistrationStub
 
     async with FakeKubelet(short_dir) as kubelet:
         channel = Channel(path=str(kubelet.socket))

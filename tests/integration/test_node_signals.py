@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from aiodp.testbed import next_update
+from aiodp.standins.testbed import next_update
 from tests.harness import Running, h100_node, running, write_atomically
 from tests.kubeapi import FakeApi
 
@@ -117,7 +117,7 @@ async def test_node_signals_without_rbac_is_one_line(
             )
             assert allocated.container_responses  # everything else works
         warned = [r for r in caplog.records if r.levelno == logging.WARNING
-                  and r.name == "aiodp.nodesignals"]  # fmt: skip
+                  and r.name == "aiodp.ops.nodesignals"]  # fmt: skip
         assert len(warned) == 1
         assert "403" in warned[0].getMessage() or "forbidden" in warned[0].getMessage()
         assert api.writes == 0

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from aiodp.config import Config
-from aiodp.nvml import NvmlBackend
+from aiodp.config.model import Config
+from aiodp.gpus.nvml import NvmlBackend
 from tests import fakenvml
 from tests.fakenvml import FakeMachine, dgx
 from tests.harness import next_update, running

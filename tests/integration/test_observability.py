@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from grpclib import GRPCError
 
-from aiodp import probes, statuscli
-from aiodp.config import RESOURCE_GPU
-from aiodp.fakekubelet import FakeKubelet
+from aiodp.config.model import RESOURCE_GPU
+from aiodp.ops import probes, statuscli
+from aiodp.standins.kubelet import FakeKubelet
 from tests.harness import Running, h100_node, next_update, running, scrape, write_atomically
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from bench import upstream
 ALL = sorted(p.name for p in upstream.PATCHES.glob("*.patch"))
 
 ENCODINGS = """
-from aiodp.api.v1beta1 import (AllocateResponse, ContainerAllocateResponse, DeviceSpec,
+from aiodp.gen.deviceplugin.v1beta1 import (AllocateResponse, ContainerAllocateResponse, DeviceSpec,
     ListAndWatchResponse, Device, TopologyInfo, NumaNode, PreferredAllocationResponse,
     ContainerPreferredAllocationResponse, DevicePluginOptions)
 import betterproto2
@@ -35,7 +35,7 @@ for m in messages:
 
 import asyncio, h2.connection
 from grpclib.testing import ChannelFor
-from aiodp.api.v1beta1 import DevicePluginBase, DevicePluginStub, AllocateRequest
+from aiodp.gen.deviceplugin.v1beta1 import DevicePluginBase, DevicePluginStub, AllocateRequest
 
 class Plugin(DevicePluginBase):
     async def allocate(self, message):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aiodp._version import VERSION
-from aiodp.fakekubelet import FakeKubelet
+from aiodp.standins.kubelet import FakeKubelet
 from tests.harness import h100_node, next_update
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from lightkube import AsyncClient, KubeConfig
 
-from aiodp import resourceslices, slices
+from aiodp.dra import publisher as resourceslices
+from aiodp.dra import slices
 from tests.kubeapi import FakeApi
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,7 @@ nvidia-smi answer (the GPU machine runs it for real)."""
 
 from __future__ import annotations
 
-from aiodp.backend import GpuMetrics
+from aiodp.gpus.backend import GpuMetrics
 from tests import scripts
 
 gpu_check = scripts.load("gpu_check")

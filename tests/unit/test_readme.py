@@ -16,17 +16,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from aiodp import (
-    config,
-    configfile,
-    metrics,
-    nodesignals,
-    sharing,
-    simulated,
-    slices,
-    testbed,
-    topology,
-)
+from aiodp.config import configfile
+from aiodp.config import resolve as config
+from aiodp.config.model import Config
+from aiodp.dra import slices
+from aiodp.gpus import sharing, simulated, topology
+from aiodp.kit import metrics
+from aiodp.ops import nodesignals
+from aiodp.standins import testbed
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -103,7 +100,7 @@ def test_readme_command_example_parses(line: str) -> None:
         chart_schema().validate(values)
     elif argv[:2] == ["kubectl", "label"]:  # the label aiodp reads, set as its default says
         key = argv[4].partition("=")[0]  # kubectl label node <name> <key>=<value>
-        assert key == config.Config().node_label
+        assert key == Config().node_label
     elif argv[:3] == ["kubectl", "get", "nodes"]:  # the condition type aiodp sets
         assert f'@.type=="{nodesignals.CONDITION}"' in line
     elif argv[:3] == ["kubectl", "get", "events"]:  # the Event reason aiodp records

@@ -1,0 +1,226 @@
+"""What a DRA claim gets on this node (pure): from the ResourceClaim's allocation to the
+devices we answer with and the transient CDI spec that hands them to the container.
+
+Every problem is this claim's error (a `ClaimError` with a message naming the device), never
+the batch's. The CDI spec carries the same edits `Allocate` gives a device-plugin container
+(NVIDIA_VISIBLE_DEVICES, the gdrcopy/GDS/MOFED and IMEX variables, and every device node).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiodp.config.model import Config
+from aiodp.gpus import edits
+from aiodp.gpus.devices import Device, Health, Inventory, Resource
+from aiodp.kit.errors import brief, cut, cut_text
+
+CDI_VERSION: Final = "0.6.0"
+MAX_RESULTS: Final = 128
+"""Devices one claim may hold on this node (a node has at most a few dozen DRA devices)."""
+CONFIG_KINDS: Final = ("gpu.aiodp.io/v1alpha1", "resource.nvidia.com/v1beta1")
+"""Opaque config apiVersions accepted: ours, and NVIDIA's GpuConfig for a migrating claim."""
+
+
+class ClaimError(Exception):
+    """This claim cannot be prepared; the message goes into the claim's `error`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRef:
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name} ({self.uid})"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDevice:
+    requests: tuple[str, ...]
+    pool: str
+    device: str
+    cdi_id: str
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    claim: ClaimRef
+    devices: tuple[PreparedDevice, ...]
+    spec: Mapping[str, Any]
+    """The claim's CDI spec (written to `<cdi dir>/<spec_name>`)."""
+
+    @property
+    def spec_name(self) -> str:
+        return spec_file_name(self.claim.uid)
+
+
+def cdi_kind(driver: str) -> str:
+    """The CDI kind of our claim specs: `k8s.gpu.aiodp.io/claim` (NVIDIA's is
+    `k8s.gpu.nvidia.com/claim`)."""
+    return f"k8s.{driver}/claim"
+
+
+def spec_file_name(uid: str) -> str:
+    return f"aiodp-claim_{uid}.json"
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
+    return obj
+
+
+def check_config(configs: Sequence[Any], driver: str, requests: set[str]) -> None:
+    """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing at the
+    Default interval (what a GPU does anyway) or no sharing; raises ClaimError otherwise."""
+    for i, entry in enumerate(configs[:32]):
+        opaque = _get(entry, "opaque")
+        if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
+            continue
+        applies = _get(entry, "requests") or []
+        if applies and not requests & set(map(str, applies)):
+            continue
+        where = f"config[{i}].opaque.parameters"
+        params = opaque.get("parameters")
+        if not isinstance(params, Mapping):
+            raise ClaimError(f"{where}: must be an object, got {cut(params)}")
+        if params.get("apiVersion") not in CONFIG_KINDS or params.get("kind") != "GpuConfig":
+            raise ClaimError(
+                f"{where}: apiVersion/kind {cut(params.get('apiVersion'))}/"
+                f"{cut(params.get('kind'))} is not one of {', '.join(CONFIG_KINDS)} GpuConfig"
+            )
+        sharing = params.get("sharing")
+        if sharing is None:
+            continue
+        if not isinstance(sharing, Mapping):
+            raise ClaimError(f"{where}.sharing: must be an object, got {cut(sharing)}")
+        kind = sharing.get("strategy")
+        if kind == "TimeSlicing":
+            interval = _get(sharing, "timeSlicingConfig", "interval") or "Default"
+            if interval != "Default":
+                raise ClaimError(
+                    f"{where}.sharing.timeSlicingConfig.interval: aiodp does not change a "
+                    f"GPU's time slice, so only Default is accepted, got {cut(interval)}"
+                )
+        elif kind == "MPS":
+            raise ClaimError(
+                f"{where}.sharing.strategy: MPS is not supported for DRA claims by aiodp "
+                "(it runs no MPS control daemon); use TimeSlicing"
+            )
+        else:
+            raise ClaimError(f"{where}.sharing.strategy: must be TimeSlicing, got {cut(kind)}")
+
+
+def prepare(
+    ref: ClaimRef,
+    claim: Mapping[str, Any],
+    *,
+    driver: str,
+    pool: str,
+    devices: Mapping[str, Device],
+    inventory: Inventory,
+    config: Config,
+    control_paths: Sequence[str] = (),
+    imex_channels: Sequence[int] = (),
+) -> Prepared:
+    """The claim's devices on this node and its CDI spec; raises ClaimError.
+
+    `devices` maps our DRA device names to the registry's devices (health as of now)."""
+    uid = _get(claim, "metadata", "uid")
+    if uid != ref.uid:
+        raise ClaimError(
+            f"claim {ref.namespace}/{ref.name} has uid {cut(uid)}, not {ref.uid}: it was "
+            "deleted and created again"
+        )
+    results = _get(claim, "status", "allocation", "devices", "results")
+    if not isinstance(results, list):
+        raise ClaimError(f"claim {ref.namespace}/{ref.name} is not allocated")
+    ours = [r for r in results if isinstance(r, Mapping) and r.get("driver") == driver]
+    if not ours:
+        raise ClaimError(f"claim {ref.namespace}/{ref.name} has no device of driver {driver}")
+    if len(ours) > MAX_RESULTS:
+        raise ClaimError(f"claim has {len(ours)} devices of {driver}, more than {MAX_RESULTS}")
+    chosen: dict[str, tuple[Device, list[str]]] = {}
+    foreign, unknown, sick = [], [], []
+    for r in ours:
+        name, where = str(r.get("device", "")), str(r.get("pool", ""))
+        if where != pool:
+            foreign.append(f"{cut_text(where, 64)}/{cut_text(name, 64)}")
+            continue
+        dev = devices.get(name)
+        if dev is None:
+            unknown.append(cut_text(name, 64))
+            continue
+        if dev.health is not Health.HEALTHY:
+            sick.append(f"{name} ({dev.uuid}): {dev.reason or 'Unhealthy'}")
+        chosen.setdefault(name, (dev, []))[1].append(str(r.get("request", "")))
+    if foreign:
+        raise ClaimError(f"device(s) {brief(foreign)} are not in this node's pool {pool}")
+    if unknown:
+        raise ClaimError(f"device(s) {brief(unknown)} are not published by {driver} on {pool}")
+    if sick:
+        raise ClaimError(f"device(s) unhealthy since allocation: {brief(sick)}")
+    configs = _get(claim, "status", "allocation", "devices", "config") or []
+    requests = {req for _, reqs in chosen.values() for req in reqs}
+    check_config(configs if isinstance(configs, list) else [], driver, requests)
+    kind = cdi_kind(driver)
+    prepared = tuple(
+        PreparedDevice(
+            requests=tuple(reqs),
+            pool=pool,
+            device=name,
+            cdi_id=f"{kind}={ref.uid}-{name}",
+            uuid=dev.uuid,
+        )
+        for name, (dev, reqs) in chosen.items()
+    )
+    spec = cdi_spec(
+        ref, [(name, dev) for name, (dev, _) in chosen.items()], inventory, config,
+        control_paths, imex_channels, driver,
+    )  # fmt: skip
+    return Prepared(ref, prepared, spec)
+
+
+def cdi_spec(
+    ref: ClaimRef,
+    devices: Sequence[tuple[str, Device]],
+    inventory: Inventory,
+    config: Config,
+    control_paths: Sequence[str],
+    imex_channels: Sequence[int],
+    driver: str,
+) -> dict[str, Any]:
+    """The claim's transient CDI spec: each device its own node(s); the claim's environment
+    and the shared control nodes in the spec-wide edits (what Allocate would give)."""
+    as_allocate = dataclasses.replace(
+        config, device_list_strategy=("envvar",), pass_device_specs=True
+    )
+    resource = devices[0][1].resource if devices else ""
+    resp = edits.build(
+        [d.id for _, d in devices], inventory, Resource(resource), as_allocate,
+        control_paths, imex_channels,
+    )  # fmt: skip
+    own = {p for _, d in devices for p in d.paths}
+    node = {s.container_path: s.host_path for s in resp.devices}
+
+    def nodes(paths: Sequence[str]) -> list[dict[str, str]]:
+        return [{"path": p, "hostPath": node.get(p, p)} for p in paths]
+
+    return {
+        "cdiVersion": CDI_VERSION,
+        "kind": cdi_kind(driver),
+        "devices": [
+            {"name": f"{ref.uid}-{name}", "containerEdits": {"deviceNodes": nodes(d.paths)}}
+            for name, d in devices
+        ],
+        "containerEdits": {
+            "env": [f"{k}={v}" for k, v in sorted(resp.envs.items())],
+            "deviceNodes": nodes([p for p in node if p not in own]),
+        },
+    }

@@ -1,0 +1,1 @@
+"""Shared tools: asyncio, retry, inotify, logs, errors, metrics, sockets. May import no aiodp."""

@@ -1,0 +1,168 @@
+"""What the operator's view runs beside the plugins, started by one call (`tasks`): the
+device and task gauges of /metrics, the GPU counters labelled by the pods holding each GPU
+(when the kubelet's pod-resources socket answers), and the node condition and Events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from aiodp.config.model import Config
+from aiodp.gpus import health
+from aiodp.gpus.backend import DeviceBackend, DeviceInfo, GpuMetrics
+from aiodp.gpus.devices import DeviceRegistry, Health
+from aiodp.kit import metrics
+from aiodp.ops import podresources
+from aiodp.ops.status import Status
+
+if TYPE_CHECKING:
+    from lightkube import AsyncClient
+
+Tasks = list[tuple[str, Coroutine[Any, Any, NoReturn]]]
+"""Named eternal coroutines for the caller's task group."""
+
+
+def tasks(
+    config: Config,
+    backend: DeviceBackend,
+    infos: Sequence[DeviceInfo],
+    registry: DeviceRegistry,
+    status: Status,
+    api: AsyncClient | None,
+    stack: contextlib.AsyncExitStack,
+) -> Tasks:
+    """Install the /metrics sources (removed when `stack` closes) and return the tasks:
+    the GPU counters and pod attribution (with a device-metrics interval) and node signals
+    (with NODE_NAME)."""
+    metrics.set_device_source(
+        lambda: [
+            (d.resource, d.id, d.health.value,
+             metrics.reason_class(d.reason) if d.reason else "")
+            for d in registry.inventory().devices
+        ]
+    )  # fmt: skip
+    stack.callback(metrics.set_device_source, None)
+    metrics.set_task_source(lambda: len(asyncio.all_tasks()))
+    stack.callback(metrics.set_task_source, None)
+    out: Tasks = []
+    if config.device_metrics_interval > 0:
+        out += _device_metrics(config, backend, infos, registry, status, stack)
+    if config.node_signals and config.node_name:
+        out.append(("node-signals", _node_signals(config, api, registry, status)))
+    return out
+
+
+def _device_metrics(
+    config: Config,
+    backend: DeviceBackend,
+    infos: Sequence[DeviceInfo],
+    registry: DeviceRegistry,
+    status: Status,
+    stack: contextlib.AsyncExitStack,
+) -> Tasks:
+    """The GPU counters on /metrics, labelled by the pods holding each GPU when the kubelet's
+    pod-resources socket answers."""
+    latest: dict[str, Mapping[str, object]] = {}
+    gpus = {g.uuid: g for g in infos}
+    migs = {m.uuid: (g, m) for g in infos for m in g.mig_devices}
+
+    def keep(reading: Mapping[str, GpuMetrics]) -> None:
+        latest.clear()
+        latest.update({u: dataclasses.asdict(m) for u, m in reading.items()})
+
+    def physical(resource: str, device_id: str) -> str | None:
+        d = registry.get(device_id)
+        return d.uuid if d is not None and d.resource == resource else None
+
+    pods = None
+    if config.pod_resources_socket is not None:
+        pods = podresources.Attribution(config.pod_resources_socket, physical)
+
+    def rows() -> list[metrics.GpuRow]:
+        out: list[metrics.GpuRow] = []
+        holders = pods.holders if pods is not None else {}
+        for u, values in sorted(latest.items()):
+            if u in gpus:
+                g = gpus[u]
+                base = {"gpu": str(g.index), "UUID": u, "modelName": g.name,
+                        "GPU_I_ID": "", "GPU_I_PROFILE": ""}  # fmt: skip
+                # a GPU in MIG mode is held through its MIG devices
+                mine = [h for x in (u, *(m.uuid for m in g.mig_devices))
+                        for h in holders.get(x, ())]  # fmt: skip
+            elif u in migs:
+                g, m = migs[u]
+                base = {"gpu": str(g.index), "UUID": g.uuid, "modelName": g.name,
+                        "GPU_I_ID": str(m.gi), "GPU_I_PROFILE": m.profile}  # fmt: skip
+                mine = list(holders.get(u, ()))
+            else:
+                continue
+            held = sorted({(h.pod, h.namespace, h.container) for h in mine})
+            if len(held) > podresources.MAX_LABELLED_HOLDERS:
+                held = []  # widely shared: once, unlabelled (aiodp_pod_devices names them)
+            for pod, namespace, container in held or [("", "", "")]:
+                labels = {**base, "pod": pod, "namespace": namespace, "container": container}
+                out.append((labels, values))
+        return out
+
+    status.reading(lambda: latest)
+    metrics.set_gpu_source(rows)
+    stack.callback(metrics.set_gpu_source, None)
+    reading = health.run_device_metrics(
+        backend, interval=config.device_metrics_interval, on_reading=keep
+    )
+    tasks: Tasks = [("device-metrics", reading)]
+    if pods is not None:
+        attribution = pods
+
+        def pod_rows() -> list[metrics.PodRow]:
+            out = []
+            for held in attribution.holders.values():
+                for h in held:
+                    d = registry.get(h.device)
+                    healthy = d is not None and d.health is Health.HEALTHY
+                    out.append((h.namespace, h.pod, h.container, h.resource, healthy))
+            return out
+
+        metrics.set_pod_source(pod_rows)
+        stack.callback(metrics.set_pod_source, None)
+        status.attributing(
+            lambda: {
+                h.device: f"{h.namespace}/{h.pod}/{h.container}"
+                for held in attribution.holders.values()
+                for h in held
+            },
+            attribution.on_allocate,
+        )
+        tasks.append(("pod-resources", attribution.run(interval=config.device_metrics_interval)))
+    return tasks
+
+
+async def _node_signals(
+    config: Config, api: AsyncClient | None, registry: DeviceRegistry, status: Status
+) -> NoReturn:
+    """The node condition and Events on GPU faults, once the plugin has registered (or
+    --stream-open-timeout has passed): the API client's import and first call stay off the
+    start-up path. Without API access: one line, and nothing more to do."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(config.stream_open_timeout):
+            await status.ready.wait()
+    from aiodp.config import pernode  # lightkube: after registration (start-up time)
+    from aiodp.ops import nodesignals
+
+    own = api is None
+    if api is None:
+        api = pernode.client(config, without="GPU faults reach no node condition or Event")
+    if api is None:
+        await asyncio.Event().wait()  # nothing to signal with; the task tree keeps its shape
+    assert api is not None
+    try:
+        signals = nodesignals.NodeSignals(
+            api, config.node_name, nodesignals.boot_id(config.proc_root), config.api_timeout
+        )
+        await nodesignals.run(signals, registry)
+    finally:
+        if own:
+            await api.close()

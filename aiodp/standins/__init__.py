@@ -1,0 +1,1 @@
+"""Stand-ins (kubelet, pod-resources), testbed and demo; not the product. May import app."""

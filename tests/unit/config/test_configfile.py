@@ -1,0 +1,271 @@
+"""NVIDIA's version v1 config file: parsing, every validation message, precedence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aiodp.config import configfile
+from aiodp.config import resolve as config
+from aiodp.config.configfile import SharedResource
+from aiodp.config.model import Config
+from aiodp.kit.errors import ConfigError
+
+FULL = """
+version: v1
+flags:
+  migStrategy: mixed
+  failOnInitError: false
+  nvidiaDriverRoot: /run/nvidia/driver
+  plugin:
+    passDeviceSpecs: true
+    deviceListStrategy: [envvar, cdi-annotations]
+    deviceIDStrategy: index
+    cdiAnnotationPrefix: cdi.example.org/
+    sharedDevicesAllocationPolicy: packed
+  gfd:
+    oneshot: true
+resources:
+  gpus: [{pattern: "*H100*", name: h100}]
+  mig: [{pattern: "1g.*", name: mig-small}]
+sharing:
+  timeSlicing:
+    renameByDefault: true
+    failRequestsGreaterThanOne: true
+    resources:
+      - name: nvidia.com/gpu
+        replicas: 4
+        devices: [0, "1", GPU-abc]
+      - name: mig-1g.10gb
+        replicas: 2
+        rename: small-shared
+        devices: 2
+"""
+
+
+def test_configfile_full_example() -> None:
+    f = configfile.parse(FULL)
+    assert f.flags["mig_strategy"] == ("flags.migStrategy", "mixed")
+    assert f.flags["device_list_strategy"] == (
+        "flags.plugin.deviceListStrategy",
+        ["envvar", "cdi-annotations"],
+    )
+    assert f.ignored == ("flags.gfd",)
+    assert f.gpu_names[0].name == "nvidia.com/h100"
+    assert f.mig_names[0].pattern == "1g.*"
+    assert f.sharing is not None
+    assert f.sharing.method == "time-slicing"
+    assert f.sharing.rename_by_default
+    assert f.sharing.fail_requests_greater_than_one
+    assert f.sharing.resources == (
+        SharedResource("nvidia.com/gpu", 4, "", ("0", "1", "GPU-abc")),
+        SharedResource("nvidia.com/mig-1g.10gb", 2, "nvidia.com/small-shared", 2),
+    )
+
+
+def test_configfile_json_and_mps_defaults() -> None:
+    f = configfile.parse(
+        '{"version": "v1", "sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 3}]}}}'
+    )
+    assert f.sharing is not None
+    assert f.sharing.method == "mps"
+    assert f.sharing.fail_requests_greater_than_one  # forced for MPS, as NVIDIA does
+    assert f.sharing.resources[0].devices == "all"
+
+
+def test_configfile_empty_is_v1_defaults() -> None:
+    f = configfile.parse("")
+    assert f.flags == {}
+    assert f.sharing is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: v2", "version: must be v1, got 'v2'"),
+        ("colour: red", "colour: unknown key"),
+        ("flags: {nope: 1}", "flags.nope: unknown key"),
+        ("flags: {plugin: {nope: 1}}", "flags.plugin.nope: unknown key"),
+        ("flags: 3", "flags: must be a mapping, got 3"),
+        ("- a", "(top level): must be a mapping"),
+        ("version: [", "invalid YAML or JSON"),
+        (
+            "sharing: {timeSlicing: {resources: []}}",
+            "sharing.timeSlicing.resources: must be a non-empty list",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 1}]}}",
+            "sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: two}]}}",
+            "sharing.timeSlicing.resources[0].replicas: must be an integer >= 2, got 'two'",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2, extra: 1}]}}",
+            "sharing.timeSlicing.resources[0].extra: unknown key",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: Bad_Name, replicas: 2}]}}",
+            "sharing.timeSlicing.resources[0].name: must be nvidia.com/<name>",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: example.com/gpu, replicas: 2}]}}",
+            "sharing.timeSlicing.resources[0].name: must be nvidia.com/<name>",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2, devices: 0}]}}",
+            "sharing.timeSlicing.resources[0].devices: must be >= 1, got 0",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2, devices: [0, 0]}]}}",
+            "sharing.timeSlicing.resources[0].devices: lists a device twice",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2, devices: some}]}}",
+            "sharing.timeSlicing.resources[0].devices: must be all, a count",
+        ),
+        (
+            "sharing: {timeSlicing: {renameByDefault: yes please,"
+            " resources: [{name: gpu, replicas: 2}]}}",
+            "sharing.timeSlicing.renameByDefault: must be true or false",
+        ),
+        (
+            "sharing: {timeSlicing: {resources: [{name: gpu, replicas: 2}]},"
+            " mps: {resources: [{name: gpu, replicas: 2}]}}",
+            "sharing: timeSlicing and mps are mutually exclusive",
+        ),
+        ("resources: {gpus: [{name: x}]}", "resources.gpus[0].pattern: must be a glob pattern"),
+        ("resources: {cpus: []}", "resources.cpus: unknown key"),
+        ("imex: {channelIDs: [1]}", "imex.channelIDs: must be [] or [0], got [1]"),
+    ],
+)
+def test_configfile_errors_name_the_key_and_value(text: str, message: str) -> None:
+    with pytest.raises(configfile.ConfigFileError) as err:
+        configfile.parse(text)
+    assert message in str(err.value)
+
+
+def files(**texts: str) -> Callable[[Path], str]:
+    def read(path: Path) -> str:
+        return texts[path.name]
+
+    return read
+
+
+def test_configfile_precedence_flag_env_file_default() -> None:
+    read = files(**{"c.yaml": FULL})
+    c = config.resolve(["--config-file", "/x/c.yaml"], {}, read=read)
+    assert c.mig_strategy == "mixed"
+    assert c.device_id_strategy == "index"
+    assert c.fail_on_init_error is False
+    assert c.pass_device_specs is True
+    assert c.device_list_strategy == ("envvar", "cdi-annotations")
+    assert c.shared_devices_allocation_policy == "packed"
+    assert c.health_interval == 5.0  # not in the file: the default
+    env = {"CONFIG_FILE": "/x/c.yaml", "DEVICE_ID_STRATEGY": "uuid", "MIG_STRATEGY": "single"}
+    c = config.resolve(["--mig-strategy", "none"], env, read=read)
+    assert c.device_id_strategy == "uuid"  # env over file
+    assert c.mig_strategy == "none"  # flag over env over file
+    assert c.config_file == Path("/x/c.yaml")
+
+
+def test_configfile_reload_keeps_flags_and_env() -> None:
+    read = files(**{"c.yaml": FULL})
+    c = config.resolve(
+        ["--config-file", "/x/c.yaml", "--device-id-strategy", "uuid"], {}, read=read
+    )
+    again = reloaded(
+        c, "version: v1\nflags: {plugin: {deviceIDStrategy: index}, migStrategy: single}\n"
+    )
+    assert again.device_id_strategy == "uuid"  # the flag still wins
+    assert again.mig_strategy == "single"
+    assert again.sharing is None
+    assert reloaded(c, FULL) == c
+
+
+def reloaded(running: Config, text: str) -> Config:
+    """What a reload builds (reload.Reloader.read_config): the running overrides + the file."""
+    file = config.load(Path("/x/c.yaml"), read=files(**{"c.yaml": text}))
+    return config.build(running.overrides, file, command=running.command)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("flags: {migStrategy: half}", "flags.migStrategy: invalid value 'half'"),
+        (
+            "flags: {plugin: {deviceListStrategy: [envvar, files]}}",
+            "flags.plugin.deviceListStrategy: invalid value ['envvar', 'files']",
+        ),
+        ("flags: {failOnInitError: maybe}", "flags.failOnInitError: invalid value 'maybe'"),
+        (
+            "sharing: {mps: {resources: [{name: gpu, replicas: 2}]}}",
+            "sharing.mps: needs flags.mpsRoot",
+        ),
+        (
+            "flags: {migStrategy: mixed, mpsRoot: /run/mps}\n"
+            "sharing: {mps: {resources: [{name: gpu, replicas: 2}]}}",
+            "sharing.mps: cannot be combined with migStrategy mixed",
+        ),
+    ],
+)
+def test_configfile_values_are_validated_like_flags(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.resolve(["--config-file", "/x/c.yaml"], {}, read=files(**{"c.yaml": text}))
+    assert message in str(err.value)
+    assert (
+        str(err.value).startswith("/x/c.yaml")
+        or "flags." in str(err.value)
+        or "sharing" in str(err.value)
+    )
+
+
+def test_configfile_missing_file_names_it() -> None:
+    def missing(path: Path) -> str:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(ConfigError, match=r"/x/c\.yaml: cannot read the config file"):
+        config.resolve([], {"CONFIG_FILE": "/x/c.yaml"}, read=missing)
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)  # 9 * 8**8 = 150 million items once expanded, from about 600 bytes
+
+
+def test_configfile_aliases_are_refused() -> None:
+    """Nested aliases (a YAML bomb) expanded to 2 GB; they are refused before expanding."""
+    with pytest.raises(configfile.ConfigFileError, match=r"aliases \(\*name\) are not accepted"):
+        configfile.parse("version: v1\n" + LAUGHS)
+    with pytest.raises(configfile.ConfigFileError, match="aliases"):
+        configfile.parse(LAUGHS)
+
+
+def test_configfile_size_is_bounded(short_dir: Path) -> None:
+    big = short_dir / "big.yaml"
+    big.write_text("version: v1\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"big.yaml: 2097165 bytes, more than the limit of 1048576"
+    ):
+        config.load(big)
+    assert config.load(big, limit=4 << 20).flags == {}
+    with pytest.raises(ConfigError, match="--max-file-bytes: invalid value '12'"):
+        config.resolve(["--max-file-bytes", "12"], {})
+
+
+def test_configfile_errors_quote_values_cut_short() -> None:
+    with pytest.raises(ConfigError) as bad:
+        config.build(
+            {}, configfile.parse("version: v1\nflags: {migStrategy: " + "y" * 100_000 + "}\n")
+        )
+    assert str(bad.value).startswith("flags.migStrategy: invalid value 'yyy")
+    assert len(str(bad.value)) < 300
+    with pytest.raises(configfile.ConfigFileError) as err:
+        configfile.parse("version: v1\n" + "k" * 1000 + ": 1\n")
+    assert "unknown key" in str(err.value)
+    assert len(str(err.value)) < 300

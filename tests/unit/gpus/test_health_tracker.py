@@ -1,0 +1,195 @@
+"""HealthTracker under a fake clock: recovery periods, event kinds, fan-out."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiodp.config.model import health_policy
+from aiodp.gpus.backend import HealthEvent, Probe
+from aiodp.gpus.devices import DeviceRegistry, Health
+from aiodp.gpus.health import HealthTracker
+from tests.builders import gpu, mig, replica
+
+OK = Probe(Health.HEALTHY)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def node() -> DeviceRegistry:
+    devs = [
+        gpu(0, paths=()),
+        mig("MIG-a", "GPU-1", "1:0"),
+        mig("MIG-b", "GPU-1", "1:1"),
+        replica(2, 0),
+        replica(2, 1),
+    ]
+    return DeviceRegistry(devs)
+
+
+def healthy(reg: DeviceRegistry) -> dict[str, bool]:
+    return {d.id: d.health is Health.HEALTHY for d in reg.inventory().devices}
+
+
+def all_ok() -> dict[str, Probe]:
+    return {g: OK for g in ("GPU-0", "GPU-1", "GPU-2")}
+
+
+def tracker(period: float) -> tuple[DeviceRegistry, HealthTracker, Clock]:
+    reg, clock = node(), Clock()
+    return reg, HealthTracker(reg, recovery_period=period, clock=clock), clock
+
+
+def test_tracker_xid_recovers_after_the_period_of_passing_probes() -> None:
+    reg, t, clock = tracker(300)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("GPU-0", "XID 79", xid=79))
+    assert reg.get("GPU-0").health is Health.UNHEALTHY  # type: ignore[union-attr]
+    assert reg.get("GPU-0").reason == "XID 79"  # type: ignore[union-attr]
+    for clock.now in (5, 100, 299):
+        t.on_probes(all_ok())
+        assert not healthy(reg)["GPU-0"]
+    clock.now = 300
+    changes = t.on_probes(all_ok())
+    assert [(o.reason, n.health) for o, n in changes] == [("XID 79", Health.HEALTHY)]
+
+
+def test_tracker_new_event_restarts_the_period() -> None:
+    reg, t, clock = tracker(300)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("GPU-0", "XID 79"))
+    clock.now = 200
+    t.on_event(HealthEvent("GPU-0", "XID 48"))
+    clock.now = 400
+    t.on_probes(all_ok())
+    assert reg.get("GPU-0").reason == "XID 48"  # type: ignore[union-attr]
+    clock.now = 500
+    t.on_probes(all_ok())
+    assert healthy(reg)["GPU-0"]
+
+
+def test_tracker_failing_probe_restarts_the_period() -> None:
+    reg, t, clock = tracker(60)
+    t.on_probes({"GPU-0": Probe(Health.UNHEALTHY, "GPU is lost")})
+    clock.now = 50
+    t.on_probes(all_ok())
+    clock.now = 70
+    t.on_probes({"GPU-0": Probe(Health.UNHEALTHY, "GPU is lost")})
+    clock.now = 100
+    t.on_probes(all_ok())
+    assert not healthy(reg)["GPU-0"]
+    clock.now = 160
+    t.on_probes(all_ok())
+    assert healthy(reg)["GPU-0"]
+
+
+def test_tracker_period_zero_never_recovers() -> None:
+    reg, t, clock = tracker(0)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("GPU-0", "XID 79"))
+    clock.now = 1e9
+    t.on_probes(all_ok())
+    assert not healthy(reg)["GPU-0"]
+
+
+def test_tracker_nvml_failure_clears_at_the_next_passing_probe() -> None:
+    reg, t, _ = tracker(300)
+    fail = Probe(Health.UNHEALTHY, "NVML failure: Driver Not Loaded", recovers_at_once=True)
+    t.on_probes({g: fail for g in ("GPU-0", "GPU-1", "GPU-2")})
+    assert not any(healthy(reg).values())
+    t.on_probes(all_ok())
+    assert all(healthy(reg).values())
+
+
+def test_tracker_nvml_failure_does_not_hide_a_device_fault() -> None:
+    reg, t, clock = tracker(300)
+    t.on_event(HealthEvent("GPU-0", "XID 79"))
+    fail = Probe(Health.UNHEALTHY, "NVML failure", recovers_at_once=True)
+    t.on_probes({g: fail for g in ("GPU-0", "GPU-1", "GPU-2")})
+    clock.now = 10
+    t.on_probes(all_ok())
+    assert healthy(reg) == {
+        "GPU-0": False,
+        "MIG-a": True,
+        "MIG-b": True,
+        "GPU-2::0": True,
+        "GPU-2::1": True,
+    }
+    assert reg.get("GPU-0").reason == "XID 79"  # type: ignore[union-attr]
+
+
+def test_tracker_fan_out() -> None:
+    reg, t, _ = tracker(300)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("MIG-a", "XID 94"))
+    assert healthy(reg) == {
+        "GPU-0": True,
+        "MIG-a": False,
+        "MIG-b": True,
+        "GPU-2::0": True,
+        "GPU-2::1": True,
+    }
+    t.on_event(HealthEvent("GPU-1", "XID 79"))
+    t.on_event(HealthEvent("GPU-2", "XID 79"))
+    assert healthy(reg) == {
+        "GPU-0": True,
+        "MIG-a": False,
+        "MIG-b": False,
+        "GPU-2::0": False,
+        "GPU-2::1": False,
+    }
+    t.on_event(HealthEvent("", "NVML event wait failed", recovers_at_once=True))
+    assert not any(healthy(reg).values())
+
+
+def test_tracker_ignored_events_change_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    reg, t, _ = tracker(300)
+    assert t.on_event(HealthEvent("GPU-0", "XID 13", xid=13)) == ()  # ignored by default
+    assert all(healthy(reg).values())
+    assert "ignoring XID 13 on GPU-0 (health policy)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("disable", "enable", "xid", "critical"),
+    [
+        (None, None, 79, True),
+        (None, None, 48, True),
+        *[(None, None, x, False) for x in (13, 31, 43, 45, 68, 109)],
+        ("xids", None, 79, False),
+        ("all", None, 79, False),
+        ("79, 94", None, 79, False),
+        ("79,94", None, 48, True),
+        (None, "13", 13, True),
+        ("all", "79", 79, True),
+        ("all", "79", 48, False),
+        ("48", "48", 48, True),
+    ],
+)
+def test_tracker_xid_policy_table(
+    disable: str | None, enable: str | None, xid: int, critical: bool
+) -> None:
+    """NVIDIA's DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS, applied to raw events."""
+    reg = node()
+    t = HealthTracker(
+        reg, recovery_period=300, policy=health_policy(disable, enable), clock=Clock()
+    )
+    t.on_event(HealthEvent("GPU-0", f"XID {xid}", xid=xid))
+    assert healthy(reg)["GPU-0"] is not critical
+
+
+def test_tracker_unknown_device_event_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    _reg, t, _ = tracker(300)
+    assert t.on_event(HealthEvent("GPU-x", "XID 79", xid=79)) == ()
+    assert "XID 79 on unknown device GPU-x" in caplog.text
+
+
+def test_tracker_logs_replicas_of_a_gpu_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    _, t, _ = tracker(300)
+    t.on_event(HealthEvent("GPU-2", "XID 79"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiodp.gpus.health"]
+    assert lines == ["device GPU-2 (2 replicas) health Healthy -> Unhealthy (XID 79)"]
