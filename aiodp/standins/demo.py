@@ -20,7 +20,7 @@ from pathlib import Path
 from grpclib import GRPCError
 
 from aiodp import app
-from aiodp.config.model import RESOURCE_GPU, Config
+from aiodp.config.model import Config
 from aiodp.kit import metrics
 from aiodp.ops import statuscli
 from aiodp.ops.status import Status
@@ -89,15 +89,23 @@ async def run(base: Config) -> int:
                 numa = ",".join(str(n.id) for n in d.topology.nodes) if d.topology else "-"
                 say(f"   {d.id:<44} {d.health:<10} {numa}")
             ids = [d.id for d in first.devices]
+            resource = reg.resource  # nvidia.com/gpu, or what a config file names it
+            sick_gpu = testbed.gpu_uuid(3)
 
-            pick = await kubelet.preferred(RESOURCE_GPU, ids[::-1], [ids[5]], 4)
+            def of_gpu3(device_id: str) -> bool:  # the GPU itself, or one of its replicas
+                return device_id.split("::")[0] == sick_gpu
+
+            must = next((i for i in ids if i.split("::")[0] == testbed.gpu_uuid(5)), ids[-1])
+            pick = await kubelet.preferred(resource, ids[::-1], [must], min(4, len(ids)))
+            index = {testbed.gpu_uuid(i): i for i in range(8)}
+            gpus = sorted(index.get(i.split("::")[0], -1) for i in pick)
             say(
-                f"\n3. GetPreferredAllocation(4 of 8, must include GPU 5) -> "
-                f"GPUs {sorted(ids.index(i) for i in pick)}"
+                f"\n3. GetPreferredAllocation({len(pick)} of {len(ids)} {resource}, must "
+                f"include GPU 5) -> GPUs {gpus}"
             )
-            resp = await kubelet.allocate(RESOURCE_GPU, pick)
+            resp = await kubelet.allocate(resource, pick)
             say(f"   Allocate -> envs {dict(resp.container_responses[0].envs)}")
-            pods.assign("default", "demo-train", "trainer", RESOURCE_GPU, pick)  # it started
+            pods.assign("default", "demo-train", "trainer", resource, pick)  # it started
 
             write_atomically(
                 devices_file,
@@ -106,7 +114,7 @@ async def run(base: Config) -> int:
             t = time.monotonic()
             up = await _next_update(
                 kubelet,
-                lambda u: any(d.id == ids[3] and d.health == "Unhealthy" for d in u.devices),
+                lambda u: any(of_gpu3(d.id) and d.health == "Unhealthy" for d in u.devices),
             )
             sick = _ms(up.at - t)
             write_atomically(devices_file, h100_node(metrics=DEMO_METRICS))
@@ -119,7 +127,7 @@ async def run(base: Config) -> int:
                 f"Healthy again after {_ms(up.at - t)}"
             )
             try:
-                await kubelet.allocate(RESOURCE_GPU, ["GPU-does-not-exist"])
+                await kubelet.allocate(resource, ["GPU-does-not-exist"])
             except GRPCError as e:
                 say(f"   Allocate(unknown id) -> {e.status.name}: {e.message}")
 
@@ -133,12 +141,12 @@ async def run(base: Config) -> int:
                     f"(readyz: {ready_text.strip()})"
                 )
                 for key in (
-                    'aiodp_devices{health="Healthy",resource="nvidia.com/gpu"}',
+                    f'aiodp_devices{{health="Healthy",resource="{resource}"}}',
                     'aiodp_health_transitions_total{direction="to_unhealthy",'
-                    'reason="XID 79",resource="nvidia.com/gpu"}',
+                    f'reason="XID 79",resource="{resource}"}}',
                     'aiodp_requests_total{code="INVALID_ARGUMENT",method="Allocate",'
-                    'resource="nvidia.com/gpu"}',
-                    'aiodp_registrations_total{resource="nvidia.com/gpu",result="success"}',
+                    f'resource="{resource}"}}',
+                    f'aiodp_registrations_total{{resource="{resource}",result="success"}}',
                 ):
                     say(f"   {key} = {values.get(key, 0):g}")
                 watts = [v for k, v in values.items() if k.startswith("aiodp_gpu_power_watts{")]
