@@ -147,9 +147,17 @@ class HealthTracker:
 
 def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
     """One line per GPU or MIG device that changed (its replicas together): WARNING when it
-    fails, INFO when it recovers. The metrics count every advertised device."""
-    groups: dict[tuple[str, str, Health, str, str], list[Device]] = {}
+    fails, INFO when it recovers. The metrics count every advertised device whose health
+    changed; a new reason while still Unhealthy is one INFO line and no transition."""
+    Key = tuple[str, str, Health, str, str]
+    groups: dict[Key, list[Device]] = {}
     for old, new in changes:
+        key: Key
+        if old.health is new.health:
+            if new.health is Health.UNHEALTHY and new.reason != old.reason:
+                key = (new.uuid, new.resource, new.health, "", new.reason)  # "": no transition
+                groups.setdefault(key, []).append(new)
+            continue
         metrics.observe_transition(
             new.resource, new.health is Health.HEALTHY, new.reason or old.reason
         )
@@ -158,7 +166,9 @@ def log_transitions(changes: Sequence[tuple[Device, Device]]) -> None:
     for (uuid, resource, health, old_health, reason), devices in groups.items():
         what = devices[0].id if len(devices) == 1 else f"{uuid} ({len(devices)} replicas)"
         extra = {"resource": resource, "device": uuid, "reason": reason}
-        if health is Health.UNHEALTHY:
+        if not old_health:
+            log.info("device %s still Unhealthy, now: %s", what, reason, extra=extra)
+        elif health is Health.UNHEALTHY:
             log.warning(
                 "device %s health %s -> %s (%s)", what, old_health, health.value, reason,
                 extra=extra,

@@ -18,7 +18,7 @@ from typing import Final, Literal
 from aiodp.config.configfile import NamePattern, SharedResource
 from aiodp.config.model import RESOURCE_GPU, Config
 from aiodp.gpus.backend import DeviceInfo, MigInfo
-from aiodp.gpus.devices import Device, DeviceId, Kind, Resource, Uuid
+from aiodp.gpus.devices import Device, DeviceId, Health, Kind, Resource, Uuid
 from aiodp.kit.errors import ConfigError, brief
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _gpu_device(g: DeviceInfo, resource: str) -> Device:
         paths=g.paths,
         numa_node=g.numa_node,
         health=g.health,
-        reason=g.reason,
+        reason=g.reason if g.health is Health.UNHEALTHY else "",  # shown while Unhealthy
         memory_mib=g.memory_mib,
     )
 
@@ -100,7 +100,7 @@ def _mig_device(g: DeviceInfo, m: MigInfo, resource: str) -> Device:
         paths=(*g.paths, *m.paths),  # the parent's node and the two capability nodes
         numa_node=g.numa_node,
         health=g.health,
-        reason=g.reason,
+        reason=g.reason if g.health is Health.UNHEALTHY else "",  # shown while Unhealthy
     )
 
 

@@ -108,8 +108,8 @@ class Status:
 
     @property
     def phase(self) -> str:
-        """What the plugin is doing before it serves, for /readyz."""
-        return self._phase
+        """What the plugin is doing: "serving" once ready, else the step it waits on."""
+        return "serving" if self.readiness() is None else self._phase
 
     @property
     def wanted(self) -> tuple[str, ...]:
@@ -283,7 +283,7 @@ class Status:
         out: dict[str, Any] = {
             "version": aiodp.__version__,
             "started": _iso(self._started_at),
-            "phase": self._phase,
+            "phase": self.phase,
             "ready": self.readiness() or "ok",
             "kubelet": None
             if self._kubelet is None
@@ -380,7 +380,8 @@ class Status:
     def generation_ended(self, service: PluginStreams, reason: str) -> None:
         resource = service.resource
         self._registered.discard(resource)
-        self._phase = f"re-registering {resource}: {reason}"
+        if resource in self._wanted:  # a resource a reload removed is not coming back
+            self._phase = f"re-registering {resource}: {reason}"
         self._reasons.append(reason)
         log.info(
             "plugin generation %d of %s ends: %s",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from aiodp.config.model import health_policy
+from aiodp.config.model import Config, health_policy
+from aiodp.gpus import sharing
 from aiodp.gpus.backend import HealthEvent, Probe
 from aiodp.gpus.devices import DeviceRegistry, Health
 from aiodp.gpus.health import HealthTracker
+from aiodp.gpus.simulated import SimulatedBackend
+from aiodp.kit import metrics
 from tests.builders import gpu, mig, replica
 
 OK = Probe(Health.HEALTHY)
@@ -193,3 +198,53 @@ def test_tracker_logs_replicas_of_a_gpu_as_one_line(caplog: pytest.LogCaptureFix
     t.on_event(HealthEvent("GPU-2", "XID 79"))
     lines = [r.getMessage() for r in caplog.records if r.name == "aiodp.gpus.health"]
     assert lines == ["device GPU-2 (2 replicas) health Healthy -> Unhealthy (XID 79)"]
+
+
+README_GPU = """\
+gpus:
+  - uuid: GPU-8f2c
+    name: NVIDIA H100 80GB HBM3
+    health: Healthy              # Healthy | Unhealthy
+    reason: "XID 79"             # optional; shown while Unhealthy
+"""
+
+
+async def test_tracker_a_healthy_gpus_reason_is_no_transition(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's simulated example (Healthy, with a reason for when it is not): no
+    'Healthy -> Healthy' line and no to_healthy count for a transition that never was."""
+    path = short_dir / "d.yaml"
+    path.write_text(README_GPU)
+    before = metrics.samples(metrics.render()[0].decode())
+    async with SimulatedBackend(path) as backend:
+        infos = await backend.discover()
+        reg = DeviceRegistry(sharing.plan(infos, Config()).devices)
+        assert reg.get("GPU-8f2c").reason == ""  # type: ignore[union-attr]
+        t = HealthTracker(reg, recovery_period=0, clock=Clock())
+        assert t.on_probes(await backend.probe_health(["GPU-8f2c"])) == ()
+    after = metrics.samples(metrics.render()[0].decode())
+    key = (
+        'aiodp_health_transitions_total{direction="to_healthy",reason="XID 79",'
+        'resource="nvidia.com/gpu"}'
+    )
+    assert after.get(key, 0) == before.get(key, 0)
+    assert "Healthy -> Healthy" not in caplog.text
+
+
+def test_tracker_a_new_reason_while_unhealthy_is_no_second_transition(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg, t, _ = tracker(300)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("GPU-0", "XID 79", xid=79))
+    assert reg.get("GPU-0").reason == "XID 79"  # type: ignore[union-attr]
+    before = metrics.samples(metrics.render()[0].decode())
+    t.on_event(HealthEvent("GPU-0", "XID 48", xid=48))
+    after = metrics.samples(metrics.render()[0].decode())
+    total = (
+        'aiodp_health_transitions_total{direction="to_unhealthy",reason="XID 48",'
+        'resource="nvidia.com/gpu"}'
+    )
+    assert after.get(total, 0) == before.get(total, 0)
+    assert "Unhealthy -> Unhealthy" not in caplog.text
