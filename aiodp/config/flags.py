@@ -13,18 +13,58 @@ from aiodp.kit.errors import ConfigError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 T = TypeVar("T")
 
 
-def parser() -> _Parser:
-    p = _Parser(prog="aiodp", description="Kubernetes device plugin for NVIDIA GPUs")
-    p.add_argument("command", nargs="?", choices=("serve", "demo", "status"), default=None)
-    p.add_argument("--output", "-o", choices=("table", "json", "yaml"), default="table",
-                   help="aiodp status: how to print [table]")  # fmt: skip
-    add = p.add_argument
+COMMANDS: Final = ("serve", "demo", "status")
+DESCRIPTIONS: Final[Mapping[str, str]] = {
+    "serve": "Kubernetes device plugin for NVIDIA GPUs: serve this node's GPUs to the kubelet "
+    "(the default command)",
+    "demo": "the plugin on 8 simulated H100s against an embedded kubelet stand-in, told step "
+    "by step",
+    "status": "the node as the running plugin sees it, from its /status endpoint",
+}
+STATUS_FLAGS: Final = frozenset({"--output", "--metrics-address", "--log-level", "--log-format"})
+"""What `aiodp status` takes: how to print, where the plugin serves /status, its own logs."""
+DEMO_SETS: Final = frozenset(
+    {"--kubelet-socket", "--backend", "--simulated-devices", "--pod-resources-socket",
+     "--device-metrics-interval"}
+)  # fmt: skip
+"""What the demo sets itself (its stand-in kubelet, its simulated node): not its flags."""
+
+
+def _takes(command: str | None, flag: str) -> bool:
+    if command is None:
+        return True
+    if command == "status":
+        return flag in STATUS_FLAGS
+    if flag == "--output":
+        return False
+    return not (command == "demo" and flag in DEMO_SETS)
+
+
+def parser(command: str | None = None, *, add_help: bool = True) -> _Parser:
+    """The flags of `command` (`serve`, `demo`, `status`); None: every flag, for finding the
+    command in an argv before its own parser reads it."""
+    p = _Parser(
+        prog="aiodp" if command in (None, "serve") else f"aiodp {command}",
+        description=DESCRIPTIONS[command or "serve"],
+        add_help=add_help,
+        usage=None if command is not None else argparse.SUPPRESS,
+    )
+    p.add_argument("command", nargs="?", choices=COMMANDS, default=None, metavar="COMMAND",
+                   help="serve (the default), demo or status")  # fmt: skip
+    p.add_argument("--version", action="store_true", help="print the version and commit, exit")
+
+    def add(*names: str, **kw: object) -> None:
+        if _takes(command, names[0]):
+            p.add_argument(*names, **kw)  # type: ignore[arg-type]
+
+    add("--output", "-o", choices=("table", "json", "yaml"), default="table",
+        help="how to print [table]")  # fmt: skip
     add("--config-file", help="NVIDIA's version: v1 config file, applied live (CONFIG_FILE)")
     add("--mig-strategy", help="none|single|mixed (MIG_STRATEGY) [none]")
     add(

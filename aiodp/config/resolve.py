@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 from aiodp.config import configfile, flags, parsers
 from aiodp.config.model import RESOURCE_GPU, Command, Config, health_policy
@@ -85,12 +85,13 @@ def resolve(
     `read` reads the config file (tests pass a dict lookup); a ConfigError names the flag,
     variable or key path and the value.
     """
-    ns = flags.parser().parse_args(list(argv))
+    found, _ = flags.parser(add_help=False).parse_known_args(list(argv))
+    ns = flags.parser(found.command or "serve").parse_args(list(argv))
     overrides: dict[str, object] = {}
     sources: dict[str, str] = {}
     notes: list[str] = []
     for key, envs in flags.ENV.items():
-        raw = getattr(ns, key)
+        raw = getattr(ns, key, None)  # None: not a flag of this command
         if isinstance(raw, list):  # a repeated flag: its values add up, as NVIDIA's do
             raw = ",".join(raw)
         source = flags.flag_name(key)
@@ -129,7 +130,8 @@ def resolve(
     assert isinstance(limit, int)
     file = load(path, read, limit=limit) if isinstance(path, Path) else None
     config = build(overrides, file, command=command, sources=sources)
-    return dataclasses.replace(config, output=ns.output) if ns.output != "table" else config
+    output: Literal["table", "json", "yaml"] = getattr(ns, "output", "table")
+    return dataclasses.replace(config, output=output) if output != "table" else config
 
 
 def effective(config: Config) -> str:
