@@ -32,15 +32,22 @@ def _choice(choices: Sequence[str]) -> Callable[[object], str]:
     return parse
 
 
+TRUE_WORDS: Final = ("1", "t", "true", "yes", "on")
+"""Go's strconv.ParseBool words (what NVIDIA's flags take), and yes/on."""
+FALSE_WORDS: Final = ("0", "f", "false", "no", "off")
+
+
 def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
     v = _text(value).strip().lower()
-    if v in ("1", "t", "true", "yes", "on"):  # Go's strconv.ParseBool, and yes/on
+    if v in TRUE_WORDS:
         return True
-    if v in ("0", "f", "false", "no", "off"):
+    if v in FALSE_WORDS:
         return False
-    raise ValueError("must be true or false")
+    raise ValueError(
+        f"must be a boolean: {', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)} (any case)"
+    )
 
 
 def _number(value: object) -> float:

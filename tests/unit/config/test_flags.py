@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from aiodp.__main__ import main
+from aiodp.config import resolve
+from aiodp.kit.errors import ConfigError
 
 
 def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -40,3 +42,13 @@ def test_flags_a_flag_of_another_command_is_refused(capsys: pytest.CaptureFixtur
 def test_flags_version_answers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--version"]) == 0
     assert capsys.readouterr().out.startswith("aiodp ")
+
+
+def test_flags_a_bad_boolean_names_the_words_taken() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve.resolve(["--pass-device-specs", "maybe"], {})
+    assert str(err.value) == (
+        "--pass-device-specs: invalid value 'maybe': must be a boolean: "
+        "1, t, true, yes, on or 0, f, false, no, off (any case)"
+    )
+    assert resolve.resolve(["--pass-device-specs", "T"], {}).pass_device_specs is True
