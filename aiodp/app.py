@@ -79,7 +79,9 @@ async def main(
     status = status or Status()
     hup = asyncio.Event()
     code = 0
-    log.info("aiodp %s running with %s", aiodp.__version__, cfg.effective(config))
+    log.info("aiodp %s starting; not at default: %s (every setting: DEBUG, /status)",
+             aiodp.__version__, cfg.changed(config))  # fmt: skip
+    log.debug("aiodp running with %s", cfg.effective(config))
     try:
         with _signals(stop, hup, status):
             await _run(config, backend, stop, status, hup)

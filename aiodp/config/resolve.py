@@ -146,6 +146,30 @@ def effective(config: Config) -> str:
     return ", ".join(parts)
 
 
+def changed(config: Config, limit: int = 240) -> str:
+    """The settings not at their default, with their origins, in at most `limit` characters
+    (the start-up line; `effective` has every one): `mig_strategy=mixed (--mig-strategy), ...`
+    or `all settings at their defaults`."""
+    parts = []
+    for key in parsers.PARSERS:
+        source = config.sources.get(key, "default")
+        if source == "default":
+            continue
+        value = getattr(config, key)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"{key}={cut_text(str(value), 60)} ({cut_text(source, 60)})")
+    if not parts:
+        return "all settings at their defaults"
+    out = ""
+    for n, part in enumerate(parts):
+        more = f", and {len(parts) - n} more" if n else f"{len(parts)} settings"
+        if len(out) + len(part) + 2 + len(more) > limit:
+            return out + more
+        out = f"{out}, {part}" if out else part
+    return out
+
+
 def load(
     path: Path,
     read: Callable[[Path], str] | None = None,

@@ -249,3 +249,26 @@ async def test_lifecycle_stream_end_is_a_warning_only_when_the_kubelet_stayed_up
     assert warned == [
         "the kubelet ended ListAndWatch for nvidia.com/gpu while it stayed up; registering again"
     ]
+
+
+async def test_lifecycle_start_up_line_is_short(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One short INFO line at start (it listed all 60 settings, ~1,850 characters); the full
+    list is at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="aiodp.app")
+    async with running(short_dir) as rp:
+        await rp.ready.wait()
+    info = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aiodp.app" and "starting" in r.getMessage()
+    ]
+    assert len(info) == 1
+    assert len(info[0]) < 300
+    assert "backend=simulated" in info[0]
+    debug = [
+        r for r in caplog.records if r.levelno == logging.DEBUG and "running with" in r.getMessage()
+    ]
+    assert len(debug) == 1
+    assert "health_interval=5.0 (default)" in debug[0].getMessage()

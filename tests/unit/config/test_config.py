@@ -240,3 +240,18 @@ def test_config_effective_line_names_every_origin() -> None:
     assert "device_id_strategy=index (--device-id-strategy)" in line
     assert "health_interval=5.0 (default)" in line
     assert "\n" not in line
+
+
+def test_config_start_up_line_is_short_and_names_what_changed() -> None:
+    c = config.resolve(["--mig-strategy", "mixed"], {"PASS_DEVICE_SPECS": "true"})
+    assert config.changed(c) == (
+        "mig_strategy=mixed (--mig-strategy), pass_device_specs=True (env PASS_DEVICE_SPECS)"
+    )
+    assert config.changed(config.resolve([], {})) == "all settings at their defaults"
+    argv = ["--log-level", "debug", "--health-interval", "7"]
+    argv += ["--cdi-spec-dirs", "/" + "x" * 200, "--kubelet-socket", "/k/" + "y" * 150]
+    argv += ["--node-name", "n" * 90, "--default-config", "d" * 90]
+    line = config.changed(config.resolve(argv, {}))
+    assert len(line) <= 240
+    assert line.endswith("more")
+    assert len(config.effective(config.resolve(argv, {}))) > 1000  # the DEBUG line has all

@@ -24,11 +24,15 @@ def test_flags_each_command_has_its_own_help(capsys: pytest.CaptureFixture[str])
     assert len({serve, demo, status}) == 3
     for text in (serve, demo, status):
         assert "--version" in text
-    assert "--mig-strategy" in serve and "--kubelet-socket" in serve
+    assert "--mig-strategy" in serve
+    assert "--kubelet-socket" in serve
     assert "--output" not in serve
-    assert "--mig-strategy" in demo and "--config-file" in demo
-    assert "--kubelet-socket" not in demo and "--simulated-devices" not in demo  # set by it
-    assert "--output" in status and "--metrics-address" in status
+    assert "--mig-strategy" in demo
+    assert "--config-file" in demo
+    assert "--kubelet-socket" not in demo
+    assert "--simulated-devices" not in demo  # set by it
+    assert "--output" in status
+    assert "--metrics-address" in status
     assert "--mig-strategy" not in status
     assert len(status.splitlines()) < 30
 
