@@ -36,6 +36,27 @@ def cut_text(text: str, width: int = QUOTE_WIDTH) -> str:
     return f"{text[:half]}...{text[-half:]} ({len(text)} chars)"
 
 
+ERROR_WIDTH: Final = 240
+"""Characters of one error in a log line: enough for a path and the reason after it."""
+
+
+def cut_error(error: BaseException, width: int = ERROR_WIDTH) -> str:
+    """An error for a log line, `Type: message`, in at most about `width` characters. The
+    longest words (paths, IDs) are cut in their middle first, so that the reason, usually at
+    the end, stays whole: `...libnvidia-ml.so.1: Library Not Found`, never `...Library No`."""
+    message = str(error)
+    words = f"{type(error).__name__}: {message}".split(" ") if message else [type(error).__name__]
+    while len(" ".join(words)) > width:
+        i = max(range(len(words)), key=lambda k: len(words[k]))
+        word = words[i]
+        if len(word) <= 24:
+            break
+        keep = max(len(word) - (len(" ".join(words)) - width) - 3, 20)
+        words[i] = f"{word[: keep // 2]}...{word[len(word) - (keep - keep // 2) :]}"
+    text = " ".join(words)
+    return text if len(text) <= width else cut_text(text, width)
+
+
 def brief(values: Sequence[str], sep: str = ", ") -> str:
     """The first few values, each cut short, then how many more: `a, b, c and 7 more`."""
     shown = sep.join(cut_text(v) for v in values[:QUOTE_ITEMS])

@@ -8,7 +8,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
-from aiodp.kit.errors import cut
+from aiodp.kit.errors import cut_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ async def retrying(
         except retry_on as e:
             delay = next(waits)
             log.warning(
-                "%s attempt #%d failed; retrying in %.1fs: %s", what, attempt, delay, cut(e)
+                "%s attempt #%d failed; retrying in %.1fs: %s", what, attempt, delay, cut_error(e)
             )
             await sleep(delay)
             continue

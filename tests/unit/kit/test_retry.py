@@ -6,6 +6,7 @@ import itertools
 import pytest
 
 from aiodp.kit import retry
+from aiodp.kit.errors import BackendUnavailable, cut_error
 
 
 def test_retry_backoff_repeats_the_last_delay_with_jitter() -> None:
@@ -50,3 +51,39 @@ async def test_retry_other_errors_propagate_at_once() -> None:
 
     with pytest.raises(KeyError):
         await retry.retrying(op, delays=(1,), retry_on=(OSError,), what="x")
+
+
+def test_retry_warning_keeps_the_reason_whole() -> None:
+    """A long path is cut in its middle; the reason at the end stays (it read
+    'NVML initi...Library Not Found' before)."""
+    path = "/run/nvidia/driver/usr/lib/x86_64-linux-gnu/" + "d" * 300 + "/libnvidia-ml.so.1"
+    e = BackendUnavailable(f"NVML initialisation failed: {path}: Library Not Found")
+    text = cut_error(e)
+    assert len(text) <= 240
+    assert text.startswith("BackendUnavailable: NVML initialisation failed: /run/nvidia/")
+    assert text.endswith("libnvidia-ml.so.1: Library Not Found")
+    assert "..." in text
+    short = BackendUnavailable("NVML initialisation failed: Library Not Found")
+    assert cut_error(short) == "BackendUnavailable: NVML initialisation failed: Library Not Found"
+    assert cut_error(TimeoutError()) == "TimeoutError"
+    one_word = RuntimeError("x" * 1000)
+    assert len(cut_error(one_word)) <= 240
+
+
+async def test_retry_logs_the_whole_reason(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    async def op() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise BackendUnavailable("NVML initialisation failed: Library Not Found")
+        return 1
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    await retry.retrying(op, delays=[1.0], retry_on=(BackendUnavailable,), what="backend",
+                         sleep=no_sleep)  # fmt: skip
+    assert "retrying in" in caplog.text
+    assert "BackendUnavailable: NVML initialisation failed: Library Not Found" in caplog.text
