@@ -74,6 +74,10 @@ async def run_plugins(holder: Holder, registry: DeviceRegistry, status: Status) 
     next call.
     """
     plugin_dir = holder.current().config.plugin_dir
+    denied = sockets.cannot_create_in(plugin_dir)
+    if denied is not None:  # said once; the directory may still be opened to us
+        log.error("%s", denied)
+        status.set_phase(denied)
     if not watch.is_directory(plugin_dir):
         status.set_phase(f"waiting for the device-plugins directory {plugin_dir}")
         await watch.wait_for_directory(plugin_dir)

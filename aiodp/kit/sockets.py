@@ -127,6 +127,37 @@ def cannot_serve(path: Path, e: OSError) -> str:
     return f"cannot create our socket {path}: {what} (directory {directory} {owner}){hint}"
 
 
+def cannot_create_in(directory: Path) -> str | None:
+    """Why this process could not create a socket in `directory` (or in it once it exists),
+    in one line; None when it can. Root can; anyone else needs write access there."""
+    where = directory
+    while True:
+        try:
+            st = os.stat(where)
+            break
+        except PermissionError:
+            return _unwritable(directory, where.parent)
+        except OSError:  # not there (yet): what counts is the nearest directory that is
+            if where.parent == where:
+                return None
+            where = where.parent
+    if not stat.S_ISDIR(st.st_mode) or os.access(where, os.W_OK | os.X_OK):
+        return None
+    return _unwritable(directory, where)
+
+
+def _unwritable(directory: Path, blocking: Path) -> str:
+    try:
+        st = os.stat(blocking)
+        owner = f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+    except OSError:
+        owner = "not readable"
+    return (
+        f"cannot create our sockets in {directory}: uid {os.geteuid()} has no write access to "
+        f"{blocking} ({owner}); run aiodp as root, as the kubelet runs"
+    )
+
+
 def unlink(path: Path) -> None:
     """Remove our socket file (the name is ours: a stale one from an earlier run goes too)."""
     with contextlib.suppress(FileNotFoundError):

@@ -272,3 +272,19 @@ async def test_lifecycle_start_up_line_is_short(
     ]
     assert len(debug) == 1
     assert "health_interval=5.0 (default)" in debug[0].getMessage()
+
+
+async def test_lifecycle_says_at_start_when_it_cannot_make_sockets(
+    short_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As non-root it waited quietly for a kubelet socket it could never answer: now one
+    ERROR line at start (here os.access says no; root still binds, so it goes on)."""
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == short_dir else real(p, mode)
+    )
+    async with running(short_dir) as rp:
+        await rp.ready.wait()
+    lines = [r for r in caplog.records if "cannot create our sockets in" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.ERROR
