@@ -25,14 +25,15 @@ build_peer() {  # peer version
     local tags=""
     if [ "$minor" -lt 33 ]; then tags="k8sold"; fi
     if [ "$minor" -lt 34 ]; then tags="${tags:+$tags,}k8spre34"; fi
-    local key
-    key="$(cat "$here/$peer"/*.go "$0" | sha256sum | cut -c1-16)"
+    local key  # the peer's source, the version and the tags: what the binary is made of
+    key="$(cat "$here/$peer"/*.go <(echo "$version $tags") | sha256sum | cut -c1-16)"
     local out="$cache/$version/$peer"
     if [ -x "$out" ] && [ "$(cat "$out.key" 2>/dev/null)" = "$key" ]; then
         echo "e2e: $peer $version cached at $out"
         return
     fi
     local src="$cache/src/$peer-$version"
+    echo "e2e: building $peer at Kubernetes $version (once; later runs use $cache)"
     rm -rf "$src" && mkdir -p "$src" "$cache/$version"
     cp "$here/$peer"/*.go "$src/"
     local gomod
@@ -71,6 +72,7 @@ build_main() {  # name module@version package [replace-staging-of-kubernetes-ver
         return
     fi
     local src="$cache/src/$name-${modver##*@}"
+    echo "e2e: building $name from $modver (once; later runs use $cache)"
     rm -rf "$src" && mkdir -p "$src" "$cache/bin"
     local start=$SECONDS
     (
