@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from tests import scripts
 helm_python = pytest.importorskip("helm_python")  # its wheels are x86-64 only
 pytestmark = pytest.mark.helm
 
-CHART = str(Path(__file__).resolve().parents[2] / "charts" / "nvidia-gpu")
+ROOT = Path(__file__).resolve().parents[2]
+CHART = str(ROOT / "charts" / "nvidia-gpu")
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
 CRDS = {"ServiceMonitor", "PodMonitor"}  # monitoring.coreos.com: not in Kubernetes' schemas
 
@@ -426,3 +428,27 @@ def test_chart_without_dra_renders_nothing_of_it() -> None:
     assert not kind(objects, "DeviceClass")
     assert not kind(objects, "ValidatingAdmissionPolicy")
     assert not [k for k in env(objects) if k.startswith("AIODP_DRA")]
+
+
+def _paths(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= _paths(value, f"{prefix}{key}.")
+    return out
+
+
+def test_chart_readme_names_only_nvidias_values_as_nvidias() -> None:
+    """The README's migration table: every key in its 'NVIDIA chart value' column is one of
+    NVIDIA's (it listed passDeviceSpecs and nvidiaDevRoot, which NVIDIA's chart lacks)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| NVIDIA chart value |") :].split("\n\n")[0].splitlines()[2:]
+    nvidia = _paths(NVIDIA_V020) | {"affinity", "tolerations"}
+    named = []
+    for row in table:
+        for key in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            head, _, rest = key.partition(".{")
+            named += [f"{head}.{k}" for k in rest.rstrip("}").split(",")] if rest else [key]
+    assert len(named) > 30
+    assert [k for k in named if k not in nvidia and not k.endswith(".*")] == []
