@@ -269,3 +269,13 @@ def test_configfile_errors_quote_values_cut_short() -> None:
         configfile.parse("version: v1\n" + "k" * 1000 + ": 1\n")
     assert "unknown key" in str(err.value)
     assert len(str(err.value)) < 300
+
+
+def test_configfile_gdrcopy_enabled_applies() -> None:
+    """The README said gdrcopyEnabled was of no use to aiodp in one place: it applies."""
+    read = {"/c.yaml": "version: v1\nflags: {gdrcopyEnabled: true}\n"}
+    c = config.resolve(["--config-file", "/c.yaml"], {}, read=lambda p: read[str(p)])
+    assert c.gdrcopy_enabled is True
+    assert "gdrcopyEnabled" not in " ".join(c.ignored)
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert "no use for, such as `gdrcopyEnabled`" not in readme
