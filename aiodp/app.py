@@ -218,6 +218,7 @@ async def _serve(
         log.info(
             "discovered %d GPU(s): %s", len(infos), ", ".join(f"{g.index}={g.uuid}" for g in infos)
         )
+        cfg.warn_unknown(config)
         for ignored in config.ignored:
             log.info("config file: %s is accepted and ignored by aiodp", ignored)
         for note in config.notes:

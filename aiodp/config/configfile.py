@@ -1,9 +1,9 @@
 """What NVIDIA's `version: v1` config file says: parsed, validated, frozen.
 
 The only module that knows the file's keys. YAML or JSON. An error names the key path and
-the value (`sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1`). Unknown keys
-are errors, except the GFD-only ones NVIDIA's plugin accepts and ignores (reported in
-`ConfigFile.ignored`, for one log line).
+the value (`sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1`). An unknown key
+is no error, as NVIDIA's plugin ignores it: its path is in `ConfigFile.unknown`, for one
+WARNING line each; the GFD-only keys NVIDIA's plugin accepts are in `ConfigFile.ignored`.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class ConfigFile:
     mig_names: tuple[NamePattern, ...] = ()
     ignored: tuple[str, ...] = ()
     """Key paths accepted and ignored (GFD settings), for one log line."""
+    unknown: tuple[str, ...] = ()
+    """Key paths outside the schema (cut short, at most MAX_UNKNOWN), for one WARNING each."""
 
 
 FLAGS: Final[Mapping[str, str]] = {
@@ -110,6 +112,8 @@ PLUGIN_FLAGS: Final[Mapping[str, str]] = {
     "sharedDevicesAllocationPolicy": "shared_devices_allocation_policy",
 }
 IGNORED_FLAGS: Final = frozenset({"useNodeFeatureAPI", "gfd"})
+MAX_UNKNOWN: Final = 16
+"""Unknown key paths kept for the log; more are counted in one more entry."""
 _NAME: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -125,11 +129,13 @@ def _mapping(where: str, value: object) -> dict[str, Any]:
     return value
 
 
-def _check_keys(where: str, value: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
-    unknown = sorted(str(k) for k in value if k not in allowed)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigFileError(f"{prefix}{cut_text(str(unknown[0]))}: unknown key")
+def _check_keys(
+    where: str, value: Mapping[str, Any], allowed: set[str] | frozenset[str], unknown: list[str]
+) -> None:
+    """Add the key paths of `value` outside `allowed` to `unknown` (NVIDIA ignores them)."""
+    prefix = f"{where}." if where else ""
+    for key in sorted(str(k) for k in value if k not in allowed):
+        unknown.append(prefix + cut_text(key))
 
 
 def _bool(where: str, value: object) -> bool:
@@ -174,11 +180,15 @@ def _devices(where: str, value: object) -> DevicesSelector:
     raise _fail(where, f"must be all, a count or a non-empty list of GPUs, got {cut(value)}")
 
 
-def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) -> Sharing | None:
+def _sharing(
+    where: str, raw: object, method: Literal["time-slicing", "mps"], unknown: list[str]
+) -> Sharing | None:
     body = _mapping(where, raw)
     if not body:
         return None
-    _check_keys(where, body, {"renameByDefault", "failRequestsGreaterThanOne", "resources"})
+    _check_keys(
+        where, body, {"renameByDefault", "failRequestsGreaterThanOne", "resources"}, unknown
+    )
     resources_raw = body.get("resources")
     if not isinstance(resources_raw, list) or not resources_raw:
         raise _fail(f"{where}.resources", f"must be a non-empty list, got {cut(resources_raw)}")
@@ -187,7 +197,7 @@ def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) ->
     for i, r in enumerate(resources_raw):
         at = f"{where}.resources[{i}]"
         r = _mapping(at, r)
-        _check_keys(at, r, {"name", "replicas", "rename", "devices"})
+        _check_keys(at, r, {"name", "replicas", "rename", "devices"}, unknown)
         name = resource_name(f"{at}.name", r.get("name"))
         replicas = r.get("replicas")
         if isinstance(replicas, bool) or not isinstance(replicas, int):
@@ -210,7 +220,7 @@ def _sharing(where: str, raw: object, method: Literal["time-slicing", "mps"]) ->
     )
 
 
-def _patterns(where: str, raw: object) -> tuple[NamePattern, ...]:
+def _patterns(where: str, raw: object, unknown: list[str]) -> tuple[NamePattern, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -219,7 +229,7 @@ def _patterns(where: str, raw: object) -> tuple[NamePattern, ...]:
     for i, item in enumerate(raw):
         at = f"{where}[{i}]"
         item = _mapping(at, item)
-        _check_keys(at, item, {"pattern", "name"})
+        _check_keys(at, item, {"pattern", "name"}, unknown)
         pattern = item.get("pattern")
         if not isinstance(pattern, str) or not pattern:
             raise _fail(f"{at}.pattern", f"must be a glob pattern, got {cut(pattern)}")
@@ -261,18 +271,26 @@ def parse(text: str) -> ConfigFile:
             "invalid YAML or JSON: " + cut_text(str(e).replace("\n", " "), 300)
         ) from None
     doc = _mapping("(top level)", doc)
-    _check_keys("", doc, {"version", "flags", "resources", "sharing", "imex", "dra"})
+    unknown: list[str] = []
+    _check_keys("", doc, {"version", "flags", "resources", "sharing", "imex", "dra"}, unknown)
     version = doc.get("version", "v1")
     if version not in ("v1", "", None):
         raise _fail("version", f"must be v1, got {cut(version)}")
     ignored: list[str] = []
     flags: dict[str, tuple[str, object]] = {}
     raw_flags = _mapping("flags", doc.get("flags"))
-    _check_keys("flags", raw_flags, set(FLAGS) | {"plugin"} | IGNORED_FLAGS)
+    known_flags = set(FLAGS) | {"plugin"} | IGNORED_FLAGS
+    _check_keys("flags", raw_flags, known_flags, unknown)
     plugin = _mapping("flags.plugin", raw_flags.get("plugin"))
-    _check_keys("flags.plugin", plugin, set(PLUGIN_FLAGS))
-    named = [(f"flags.{k}", FLAGS.get(k), v) for k, v in raw_flags.items() if k != "plugin"]
-    named += [(f"flags.plugin.{k}", PLUGIN_FLAGS[k], v) for k, v in plugin.items()]
+    _check_keys("flags.plugin", plugin, set(PLUGIN_FLAGS), unknown)
+    named = [
+        (f"flags.{k}", FLAGS.get(k), v)
+        for k, v in raw_flags.items()
+        if k != "plugin" and k in known_flags
+    ]
+    named += [
+        (f"flags.plugin.{k}", PLUGIN_FLAGS[k], v) for k, v in plugin.items() if k in PLUGIN_FLAGS
+    ]
     for path, name, value in named:
         if value is None:
             continue
@@ -281,15 +299,15 @@ def parse(text: str) -> ConfigFile:
         else:
             flags[name] = (path, value)
     resources = _mapping("resources", doc.get("resources"))
-    _check_keys("resources", resources, {"gpus", "mig"})
+    _check_keys("resources", resources, {"gpus", "mig"}, unknown)
     sharing_raw = _mapping("sharing", doc.get("sharing"))
-    _check_keys("sharing", sharing_raw, {"timeSlicing", "mps"})
-    ts = _sharing("sharing.timeSlicing", sharing_raw.get("timeSlicing"), "time-slicing")
-    mps = _sharing("sharing.mps", sharing_raw.get("mps"), "mps")
+    _check_keys("sharing", sharing_raw, {"timeSlicing", "mps"}, unknown)
+    ts = _sharing("sharing.timeSlicing", sharing_raw.get("timeSlicing"), "time-slicing", unknown)
+    mps = _sharing("sharing.mps", sharing_raw.get("mps"), "mps", unknown)
     if ts is not None and mps is not None:
         raise _fail("sharing", "timeSlicing and mps are mutually exclusive")
     imex = _mapping("imex", doc.get("imex"))
-    _check_keys("imex", imex, {"channelIDs", "required"})
+    _check_keys("imex", imex, {"channelIDs", "required"}, unknown)
     channels = imex.get("channelIDs") or []
     if channels not in ([], [0]):
         raise _fail("imex.channelIDs", f"must be [] or [0], got {cut(channels)}")
@@ -298,13 +316,20 @@ def parse(text: str) -> ConfigFile:
     if imex.get("required") is not None:
         flags["imex_required"] = ("imex.required", imex["required"])
     dra = _mapping("dra", doc.get("dra"))  # aiodp's own key: which GPUs DRA serves
-    _check_keys("dra", dra, {"devices"})
+    _check_keys("dra", dra, {"devices"}, unknown)
     if dra.get("devices") is not None:
         flags["dra_devices"] = ("dra.devices", dra["devices"])
     return ConfigFile(
         flags=flags,
         sharing=ts or mps,
-        gpu_names=_patterns("resources.gpus", resources.get("gpus")),
-        mig_names=_patterns("resources.mig", resources.get("mig")),
+        gpu_names=_patterns("resources.gpus", resources.get("gpus"), unknown),
+        mig_names=_patterns("resources.mig", resources.get("mig"), unknown),
         ignored=tuple(ignored),
+        unknown=_bounded(unknown),
     )
+
+
+def _bounded(unknown: list[str]) -> tuple[str, ...]:
+    if len(unknown) <= MAX_UNKNOWN:
+        return tuple(unknown)
+    return (*unknown[: MAX_UNKNOWN - 1], f"and {len(unknown) - MAX_UNKNOWN + 1} more")

@@ -118,6 +118,9 @@ class Config:
     mig_names: tuple[configfile.NamePattern, ...] = ()
     ignored: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     """Config-file keys accepted and ignored (GFD and other NVIDIA-only settings)."""
+    unknown: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    """Config-file keys outside NVIDIA's schema: ignored with a WARNING each, as NVIDIA's
+    plugin ignores them."""
     overrides: Mapping[str, object] = dataclasses.field(default_factory=dict, compare=False)
     """The settings given by flag or environment: they win over the config file on reload."""
     kubelet_socket: Path = Path(DEFAULT_KUBELET_SOCKET)

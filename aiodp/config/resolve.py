@@ -8,6 +8,7 @@ one function, `load`, at start, on every reload and in the tests.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, cast
@@ -15,6 +16,8 @@ from typing import Literal, cast
 from aiodp.config import configfile, flags, parsers
 from aiodp.config.model import RESOURCE_GPU, Command, Config, health_policy
 from aiodp.kit.errors import ConfigError, brief, cut, cut_text
+
+log = logging.getLogger(__name__)
 
 
 def named_configs(config_dir: Path) -> list[str]:
@@ -146,6 +149,15 @@ def effective(config: Config) -> str:
     return ", ".join(parts)
 
 
+def warn_unknown(config: Config) -> None:
+    """One WARNING per config-file key outside the schema (the rest of the file applies)."""
+    for key in config.unknown:
+        log.warning(
+            "config file %s: unknown key %s, ignored (as NVIDIA's plugin ignores it)",
+            config.config_file, key,
+        )  # fmt: skip
+
+
 def changed(config: Config, limit: int = 240) -> str:
     """The settings not at their default, with their origins, in at most `limit` characters
     (the start-up line; `effective` has every one): `mig_strategy=mixed (--mig-strategy), ...`
@@ -216,6 +228,7 @@ def build(
             gpu_names=file.gpu_names,
             mig_names=file.mig_names,
             ignored=file.ignored,
+            unknown=file.unknown,
         )
     values.update(overrides)
     origin.update({k: (sources or {}).get(k, "flag or env") for k in overrides if k in origin})

@@ -158,7 +158,9 @@ class Reloader:
         file = await asyncio.to_thread(
             functools.partial(cfg.load, running.config_file, limit=running.max_file_bytes)
         )
-        return cfg.build(running.overrides, file, command=running.command, sources=running.sources)
+        new = cfg.build(running.overrides, file, command=running.command, sources=running.sources)
+        cfg.warn_unknown(new)
+        return new
 
     async def apply(self, config: Config, *, rediscover: bool) -> bool:
         """Install `config` (and fresh devices); False when nothing changed."""

@@ -251,3 +251,22 @@ async def test_config_live_missing_cdi_spec_is_not_ready_but_allocates(
         (specs / "nvidia.json").write_text(json.dumps(spec))
         write_atomically(config, "version: v1\nflags: {plugin: {deviceListStrategy: [cdi-cri]}}\n")
         await rp.state.wait_for(lambda: rp.state.readiness() is None)  # checked on reload
+
+
+async def test_config_live_unknown_keys_warn_and_the_rest_applies(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown key is a WARNING naming it, at start and on reload, and everything else in
+    the file applies (NVIDIA's plugin ignores such keys; we exited 2). A bad value of a known
+    key is still refused on reload."""
+    cm = ConfigMapDir(short_dir / "cm", MIXED + "futureSetting: 1\n")
+    async with running(short_dir, node=NODE, config_file=cm.path) as rp:
+        assert set(await registrations(rp, 2)) == {"nvidia.com/gpu", "nvidia.com/mig-1g.10gb"}
+        assert "unknown key futureSetting, ignored (as NVIDIA's plugin ignores it)" in caplog.text
+        cm.swap(SHARED.replace("renameByDefault: true\n", "renameByDefault: true\n    knob: 3\n"))
+        assert (await rp.k.registrations.get()).resource == "nvidia.com/gpu.shared"
+        assert "unknown key sharing.timeSlicing.knob" in caplog.text
+        cm.swap("version: v1\nflags: {migStrategy: sideways}\nknob: 1\n")
+        await rp.state.wait_for(lambda: "rejected" in rp.state.reloads)
+        assert "flags.migStrategy: invalid value 'sideways'" in caplog.text
+        assert rp.k.registrations.empty()

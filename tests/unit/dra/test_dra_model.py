@@ -91,8 +91,11 @@ def test_dra_driver_name_must_be_a_dns_subdomain() -> None:
 
 
 def test_config_file_dra_key_is_checked() -> None:
-    with pytest.raises(ConfigError, match=r"dra.gpus: unknown key"):
-        cfg.load(Path("x"), lambda _: "version: v1\ndra:\n  gpus: all\n")
+    with pytest.raises(ConfigError, match=r"dra.devices: invalid value"):
+        cfg.build({}, cfg.load(Path("x"), lambda _: "version: v1\ndra:\n  devices: [{a: b}]\n"))
+    assert cfg.load(Path("x"), lambda _: "version: v1\ndra:\n  gpus: all\n").unknown == (
+        "dra.gpus",
+    )
 
 
 def test_long_dra_socket_paths_are_refused() -> None:
