@@ -237,7 +237,7 @@ async def _serve(
         tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
             ("plugins", generations.run_plugins(holder, registry, status)),
             *startup.tasks(config, backend, reloader, tracker, hup),
-            *operator.tasks(config, backend, infos, registry, status, api, stack),
+            *operator.tasks(config, backend, infos, registry, holder, status, api, stack),
         ]
         if api is not None:
             from aiodp.config import pernode  # imported already: the label was read at start

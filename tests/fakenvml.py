@@ -68,6 +68,9 @@ class FakeMig:
     ci_slices: int = 1
     memory_mb: int = 9856
     memory_used: int = 0
+    multiprocessors: int = 16
+    engines: tuple[int, int, int, int, int] = (1, 1, 0, 0, 0)
+    """Shared (copy, decoder, encoder, jpeg, ofa) engines."""
 
 
 @dataclass
@@ -81,6 +84,10 @@ class FakeGpu:
     nvlinks: dict[int, int] = field(default_factory=dict)
     """peer GPU index -> number of links"""
     migs: list[FakeMig] | None = None
+    mig_capable: bool = True
+    """False: nvmlDeviceGetMigMode answers NOT_SUPPORTED (a GPU without MIG)."""
+    fabric: tuple[bytes, int] | None = None
+    """(cluster UUID bytes, clique ID) of a fabric-attached GPU; None: not attached."""
     lost: bool = False
     retired_pending: bool = False
     remap_failure: bool = False
@@ -296,7 +303,16 @@ class FakeMachine:
 
     def nvmlDeviceGetMigMode(self, h: Handle) -> list[int]:
         gpu = self._gpu(h)
+        if not gpu.mig_capable:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return [1, 1] if gpu.migs is not None else [0, 0]
+
+    def nvmlDeviceGetGpuFabricInfo(self, h: Handle) -> Any:
+        gpu = self._gpu(h)
+        if gpu.fabric is None:
+            return SimpleNamespace(clusterUuid=bytes(16), cliqueId=0, state=1, status=0)
+        cluster, clique = gpu.fabric
+        return SimpleNamespace(clusterUuid=cluster, cliqueId=clique, state=3, status=0)
 
     def nvmlDeviceGetMaxMigDeviceCount(self, h: Handle) -> int:
         return 7
@@ -321,10 +337,17 @@ class FakeMachine:
 
     def nvmlDeviceGetAttributes(self, h: Handle) -> Any:
         m = self._mig(h)
+        copy, decoder, encoder, jpeg, ofa = m.engines
         return SimpleNamespace(
             gpuInstanceSliceCount=m.gi_slices,
             computeInstanceSliceCount=m.ci_slices,
             memorySizeMB=m.memory_mb,
+            multiprocessorCount=m.multiprocessors,
+            sharedCopyEngineCount=copy,
+            sharedDecoderCount=decoder,
+            sharedEncoderCount=encoder,
+            sharedJpegCount=jpeg,
+            sharedOfaCount=ofa,
         )
 
     def _links(self, h: Handle) -> list[int]:

@@ -42,6 +42,10 @@ class FakeApi:
         """False: drop DeviceTaints on write, as a server without DRADeviceTaints does."""
         self.down = False
         """True: answer 503 to every resource.k8s.io request (an API server going away)."""
+        self.node_features: dict[str, dict[str, Any]] | None = None
+        """NFD's NodeFeature objects by name (None: the nfd.k8s-sigs.io API is not served)."""
+        self.label_writes = 0
+        """Merge patches of the node's labels and NodeFeature writes applied."""
         self._rv = 100
         self._closed = False
         """Set on exit: the watches end on their own (no cancelled handler tasks)."""
@@ -124,6 +128,68 @@ class FakeApi:
             self.writes += 1
             self._changed.notify_all()
 
+    async def _patch_labels(self, body: dict[str, Any]) -> None:
+        """A JSON merge patch of metadata.labels (null removes a key)."""
+        async with self._changed:
+            for key, value in ((body.get("metadata") or {}).get("labels") or {}).items():
+                if value is None:
+                    self.labels.pop(key, None)
+                else:
+                    self.labels[key] = value
+            self.version += 1
+            self.label_writes += 1
+            self._changed.notify_all()
+
+    async def wait_requests(self, check: Any) -> None:
+        """Until a request line (`PATCH /api/v1/nodes/x`) satisfies `check`."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: any(check(r) for r in self.requests))
+
+    async def wait_label_writes(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.label_writes >= count)
+
+    async def _node_feature(
+        self, writer: asyncio.StreamWriter, method: str, path: str, body: Any
+    ) -> None:
+        parts = path.split("/")  # /apis/nfd.k8s-sigs.io/v1alpha1/namespaces/<ns>/nodefeatures[/n]
+        if self.node_features is None or len(parts) < 7 or parts[6] != "nodefeatures":
+            # as a real server answers for an API group it does not serve: plain text
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 19\r\n\r\n404 page not found\n")  # fmt: skip
+            await writer.drain()
+            return
+        name = parts[7] if len(parts) > 7 else None
+        store = self.node_features
+        if method == "GET" and name is None:
+            meta = {"resourceVersion": self._next_rv()}
+            listing = {"kind": "NodeFeatureList", "items": list(store.values()), "metadata": meta}
+            await self._send(writer, 200, listing)
+        elif method == "GET" and name in store:
+            await self._send(writer, 200, store[name])
+        elif method == "POST" and name is None and body["metadata"]["name"] not in store:
+            async with self._changed:
+                body["metadata"]["resourceVersion"] = self._next_rv()
+                store[body["metadata"]["name"]] = body
+                self.label_writes += 1
+                self._changed.notify_all()
+            await self._send(writer, 201, body)
+        elif method == "PUT" and name in store:
+            if (
+                body["metadata"].get("resourceVersion")
+                != store[name]["metadata"]["resourceVersion"]
+            ):
+                await self._send(writer, 409, {"kind": "Status", "code": 409})
+                return
+            async with self._changed:
+                body["metadata"]["resourceVersion"] = self._next_rv()
+                store[name] = body
+                self.label_writes += 1
+                self._changed.notify_all()
+            await self._send(writer, 200, body)
+        else:
+            await self._send(writer, 404, {"kind": "Status", "code": 404})
+
     async def _event(self, body: dict[str, Any]) -> dict[str, Any]:
         async with self._changed:
             meta = body.setdefault("metadata", {})
@@ -152,6 +218,8 @@ class FakeApi:
                         length = int(value)
                 body = json.loads(await reader.readexactly(length)) if length else None
                 self.requests.append(f"{method} {target}")
+                async with self._changed:
+                    self._changed.notify_all()
                 url = urllib.parse.urlsplit(target)
                 query = urllib.parse.parse_qs(url.query)
                 if method == "GET" and url.path == f"/api/v1/nodes/{self.node}":
@@ -171,6 +239,11 @@ class FakeApi:
                     await self._send(
                         writer, 200, await self._event({**self.events[name], **(body or {})})
                     )
+                elif method == "PATCH" and url.path == f"/api/v1/nodes/{self.node}":
+                    await self._patch_labels(body or {})
+                    await self._send(writer, 200, self._object())
+                elif url.path.startswith("/apis/nfd.k8s-sigs.io/v1alpha1/"):
+                    await self._node_feature(writer, method, url.path, body)
                 elif method == "GET" and url.path == "/api/v1/nodes" and "watch" in query:
                     await self._watch(writer, query.get("fieldSelector", [""])[0])
                     return

@@ -101,7 +101,17 @@ FLAGS: Final[Mapping[str, str]] = {
     "gdsEnabled": "gds_enabled",
     "mofedEnabled": "mofed_enabled",
     "deviceDiscoveryStrategy": "device_discovery_strategy",
+    "useNodeFeatureAPI": "use_node_feature_api",
 }
+GFD_FLAGS: Final[Mapping[str, str | None]] = {
+    "noTimestamp": "no_timestamp",
+    "machineTypeFile": "machine_type_file",
+    "oneshot": None,
+    "sleepInterval": None,
+    "outputFile": None,
+}
+"""`flags.gfd`: what applies to our labels, and what has no meaning here (None: accepted
+and ignored; the labels follow every change, there is no interval or output file)."""
 PLUGIN_FLAGS: Final[Mapping[str, str]] = {
     "passDeviceSpecs": "pass_device_specs",
     "deviceListStrategy": "device_list_strategy",
@@ -111,7 +121,7 @@ PLUGIN_FLAGS: Final[Mapping[str, str]] = {
     "containerDriverRoot": "container_driver_root",
     "sharedDevicesAllocationPolicy": "shared_devices_allocation_policy",
 }
-IGNORED_FLAGS: Final = frozenset({"useNodeFeatureAPI", "gfd"})
+IGNORED_FLAGS: Final = frozenset({"gfd"})
 MAX_UNKNOWN: Final = 16
 """Unknown key paths kept for the log; more are counted in one more entry."""
 _NAME: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -286,11 +296,14 @@ def parse(text: str) -> ConfigFile:
     named = [
         (f"flags.{k}", FLAGS.get(k), v)
         for k, v in raw_flags.items()
-        if k != "plugin" and k in known_flags
+        if k not in ("plugin", "gfd") and k in known_flags
     ]
     named += [
         (f"flags.plugin.{k}", PLUGIN_FLAGS[k], v) for k, v in plugin.items() if k in PLUGIN_FLAGS
     ]
+    gfd = _mapping("flags.gfd", raw_flags.get("gfd"))
+    _check_keys("flags.gfd", gfd, set(GFD_FLAGS), unknown)
+    named += [(f"flags.gfd.{k}", GFD_FLAGS[k], v) for k, v in gfd.items() if k in GFD_FLAGS]
     for path, name, value in named:
         if value is None:
             continue

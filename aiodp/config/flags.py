@@ -178,6 +178,15 @@ def parser(command: str | None = None, *, add_help: bool = True) -> _Parser:
         help="set the node condition GPUHealthy and Warning Events on GPU faults "
         "(AIODP_NODE_SIGNALS) [true]",
     )
+    add("--gfd", nargs="?", const="true",
+        help="write GPU Feature Discovery's node labels (AIODP_GFD) [false]")  # fmt: skip
+    add("--use-node-feature-api", nargs="?", const="true",
+        help="the labels as an NFD NodeFeature (GFD_USE_NODE_FEATURE_API) [true]")  # fmt: skip
+    add("--no-timestamp", nargs="?", const="true",
+        help="leave out nvidia.com/gfd.timestamp (GFD_NO_TIMESTAMP) [false]")  # fmt: skip
+    add("--machine-type-file", help="source of nvidia.com/gpu.machine (GFD_MACHINE_TYPE_FILE) "
+        "[/sys/class/dmi/id/product_name]")  # fmt: skip
+    add("--namespace", help="namespace of the NodeFeature object (NAMESPACE) [default]")
     add(
         "--pod-resources-socket",
         help="kubelet pod-resources socket for pod labels, empty = off "
@@ -231,6 +240,11 @@ ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "device_metrics_interval": "AIODP_DEVICE_METRICS_INTERVAL",
     "pod_resources_socket": "AIODP_POD_RESOURCES_SOCKET",
     "node_signals": "AIODP_NODE_SIGNALS",
+    "gfd": "AIODP_GFD",
+    "use_node_feature_api": ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"),
+    "no_timestamp": "GFD_NO_TIMESTAMP",
+    "machine_type_file": "GFD_MACHINE_TYPE_FILE",
+    "namespace": "NAMESPACE",
     "shutdown_timeout": "AIODP_SHUTDOWN_TIMEOUT",
     "max_file_bytes": "AIODP_MAX_FILE_BYTES",
     "gdrcopy_enabled": "GDRCOPY_ENABLED",

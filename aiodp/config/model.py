@@ -159,6 +159,18 @@ class Config:
     (needs NODE_NAME and API access)."""
     pod_resources_socket: Path | None = Path(DEFAULT_POD_RESOURCES_SOCKET)
     """The kubelet's pod-resources socket, read to label GPU metrics by pod; None = off."""
+    gfd: bool = False
+    """Write GPU Feature Discovery's `nvidia.com/*` node labels (needs NODE_NAME and API
+    access), as NVIDIA's chart does with `gfd.enabled`; off by default, as there."""
+    use_node_feature_api: bool = True
+    """Publish the labels as an NFD NodeFeature object where the NFD API is served (GFD's
+    default since v0.19); otherwise, or when off, patch the node's labels directly."""
+    no_timestamp: bool = False
+    """Leave out `nvidia.com/gfd.timestamp` (GFD's --no-timestamp)."""
+    machine_type_file: Path = Path("/sys/class/dmi/id/product_name")
+    """Where `nvidia.com/gpu.machine` is read from (GFD's --machine-type-file)."""
+    namespace: str = "default"
+    """The namespace of the NodeFeature object (GFD's NAMESPACE: the pod's own)."""
     health_policy: HealthPolicy = HealthPolicy()
     """XIDs that act and whether probes run (DP_DISABLE_HEALTHCHECKS, DP_ENABLE_HEALTHCHECKS)."""
     proc_root: Path = Path("/proc")

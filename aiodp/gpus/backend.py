@@ -62,6 +62,14 @@ class MigInfo:
     index: int = 0
     """Position among the parent's MIG devices (the `N:index` index)."""
     paths: tuple[str, ...] = ()
+    memory_mb: int = 0
+    """NVML's MIG attributes (what GPU Feature Discovery labels): memory in MB, SMs, GPU and
+    compute instance slices, and the shared engines; 0 where unknown."""
+    multiprocessors: int = 0
+    gi_slices: int = 0
+    ci_slices: int = 0
+    engines: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    """Shared (copy, decoder, encoder, jpeg, ofa) engines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,12 @@ class DeviceInfo:
     driver_version: str = ""
     cuda_driver_version: str = ""
     """The CUDA version the driver supports, `12.9`; empty when unknown."""
+    mig_capable: bool = False
+    """The GPU supports MIG (whether or not it is in MIG mode)."""
+    pci_class: int | None = None
+    """The PCI device class: 0x030200 a 3D controller (compute), 0x030000 VGA (graphics)."""
+    fabric: str = ""
+    """`<cluster UUID>.<clique ID>` of a fabric-attached GPU (NVLink domain); empty if none."""
 
 
 CLOCK_EVENTS: Final = metrics.CLOCK_EVENT_LABELS

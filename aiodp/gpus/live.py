@@ -66,6 +66,11 @@ class Holder:
         self._live = dataclasses.replace(live, version=self._live.version + 1)
         self._pulse.notify()
 
+    async def next_after(self, version: int) -> Live:
+        """The live state once its version is other than `version`."""
+        await self._pulse.wait_for(lambda: self._live.version != version)
+        return self._live
+
     async def watch(self) -> AsyncIterator[Live]:
         """The live state now, then the latest one after each change (stale ones skipped)."""
         seen = -1

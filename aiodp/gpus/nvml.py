@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import threading
+import uuid as uuid_module
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +49,7 @@ NVML_GONE: Final = frozenset(
 )  # UNINITIALIZED, DRIVER_NOT_LOADED, LIB_NOT_FOUND, RM_MISMATCH
 NOT_SUPPORTED: Final = nvmlcounters.NOT_SUPPORTED
 FEATURE_ENABLED: Final = 1
+FABRIC_STATE_COMPLETED: Final = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
 NOT_FOUND: Final = 6
 TIMEOUT: Final = 10
 
@@ -167,7 +169,8 @@ class NvmlBackend:
         infos = []
         for info in raw:
             numa = await self._numa_node(info.pci_bus_id)
-            infos.append(_with_numa(info, numa))
+            pci_class = await self._pci_class(info.pci_bus_id)
+            infos.append(dataclasses.replace(info, numa_node=numa, pci_class=pci_class))
         self._infos = tuple(infos)
         self._topology = topology.build(
             [(g.uuid, g.index, g.numa_node) for g in self._infos], nvlinks=links, pcie=pcie
@@ -187,6 +190,39 @@ class NvmlBackend:
         except (OSError, ValueError):
             return None
         return value if value >= 0 else None
+
+    async def _pci_class(self, bus_id: str) -> int | None:
+        """The GPU's PCI class from sysfs (`0x030200`: a 3D controller); None if unknown."""
+        if not bus_id:
+            return None
+        path = self.sys_root / "bus/pci/devices" / sysfs_bdf(bus_id) / "class"
+        try:
+            async with aiofiles.open(path) as f:
+                return int((await f.read()).strip(), 16)
+        except (OSError, ValueError):
+            return None
+
+    def _fabric(self, h: Any) -> str:
+        """`<cluster UUID>.<clique ID>` of a GPU whose fabric registration completed (what
+        GFD labels `nvidia.com/gpu.clique`); empty when not fabric-attached or unknown."""
+        n = self.n
+        try:
+            info = n.nvmlDeviceGetGpuFabricInfo(h)
+            if int(info.state) != FABRIC_STATE_COMPLETED or int(info.status) != 0:
+                return ""
+            cluster = uuid_module.UUID(bytes=bytes(bytearray(info.clusterUuid)[:16]))
+        except (n.NVMLError, AttributeError, TypeError, ValueError):
+            return ""
+        if cluster.int == 0:
+            return ""
+        return f"{cluster}.{int(info.cliqueId)}"
+
+    def _mig_capable(self, h: Any) -> bool:
+        try:
+            self.n.nvmlDeviceGetMigMode(h)
+        except self.n.NVMLError:
+            return False  # NOT_SUPPORTED: no MIG on this GPU
+        return True
 
     def _identity(self, h: Any) -> _Identity:
         """Brand, architecture, compute capability and driver versions (what DRA publishes);
@@ -238,6 +274,8 @@ class NvmlBackend:
                     paths=(f"/dev/nvidia{minor}",),
                     mig_enabled=migs is not None,
                     mig_devices=tuple(migs or ()),
+                    mig_capable=self._mig_capable(h),
+                    fabric=self._fabric(h),
                     **self._identity(h),
                 )
             )
@@ -323,6 +361,17 @@ class NvmlBackend:
                     ci=ci,
                     index=len(migs),
                     paths=self._mig_caps(minor, gi, ci),
+                    memory_mb=int(attrs.memorySizeMB),
+                    multiprocessors=int(getattr(attrs, "multiprocessorCount", 0)),
+                    gi_slices=int(attrs.gpuInstanceSliceCount),
+                    ci_slices=int(attrs.computeInstanceSliceCount),
+                    engines=(
+                        int(getattr(attrs, "sharedCopyEngineCount", 0)),
+                        int(getattr(attrs, "sharedDecoderCount", 0)),
+                        int(getattr(attrs, "sharedEncoderCount", 0)),
+                        int(getattr(attrs, "sharedJpegCount", 0)),
+                        int(getattr(attrs, "sharedOfaCount", 0)),
+                    ),
                 )
             )
         return migs
@@ -497,10 +546,6 @@ class NvmlBackend:
                     if (m.gi, m.ci) == (gi, ci):
                         return m.uuid
         return None
-
-
-def _with_numa(info: DeviceInfo, numa: int | None) -> DeviceInfo:
-    return dataclasses.replace(info, numa_node=numa)
 
 
 if TYPE_CHECKING:

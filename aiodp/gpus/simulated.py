@@ -65,9 +65,18 @@ GPU_KEYS: Final = frozenset(
         "cuda_compute_capability",
         "driver_version",
         "cuda_driver_version",
+        "mig_capable",
+        "pci_class",
+        "fabric",
     }
 )
-MIG_KEYS: Final = frozenset({"uuid", "profile", "gi", "ci", "metrics"})
+MIG_KEYS: Final = frozenset(
+    {"uuid", "profile", "gi", "ci", "metrics", "memory_mb", "multiprocessors", "gi_slices",
+     "ci_slices", "engines"}
+)  # fmt: skip
+ENGINES: Final = ("copy", "decoder", "encoder", "jpeg", "ofa")
+COMPUTE_CLASS: Final = 0x030200
+"""A datacenter GPU's PCI class (3D controller): the simulated default."""
 _IDENTITY: Final = (
     "brand", "architecture", "cuda_compute_capability", "driver_version", "cuda_driver_version"
 )  # fmt: skip
@@ -101,6 +110,12 @@ def _fail(where: str, msg: str) -> NoReturn:
 def _int(where: str, value: object, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(where, f"must be an integer >= {minimum}, got {cut(value)}")
+    return value
+
+
+def _flag(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, f"must be true or false, got {cut(value)}")
     return value
 
 
@@ -192,6 +207,9 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
                 mig_devices=migs,
                 health=health,
                 reason=reason,
+                mig_capable=_flag(f"{where}.mig_capable", g.get("mig_capable", bool(migs))),
+                pci_class=_int(f"{where}.pci_class", g.get("pci_class", COMPUTE_CLASS)),
+                fabric=_opt(f"{where}.fabric", g.get("fabric"), ""),
                 **{k: _opt(f"{where}.{k}", g.get(k), "") for k in _IDENTITY},
             )
         )
@@ -269,8 +287,36 @@ def _mig_devices(where: str, raw: object, parent: int, seen: set[str]) -> tuple[
             f"/dev/nvidia-caps/nvidia-cap{gi}",
             f"/dev/nvidia-caps/nvidia-cap{ci}",
         )
-        out.append(MigInfo(uuid, _str(f"{at}.profile", m.get("profile")), gi, ci, pos, paths))
+        profile = _str(f"{at}.profile", m.get("profile"))
+        slices, memory = _profile_defaults(profile)
+        engines_raw = m.get("engines") or {}
+        if not isinstance(engines_raw, dict) or set(map(str, engines_raw)) - set(ENGINES):
+            _fail(
+                f"{at}.engines", f"must map {', '.join(ENGINES)} to counts, got {cut(engines_raw)}"
+            )
+        engines = tuple(_int(f"{at}.engines.{e}", engines_raw.get(e, 0)) for e in ENGINES)
+        out.append(
+            MigInfo(
+                uuid, profile, gi, ci, pos, paths,
+                memory_mb=_int(f"{at}.memory_mb", m.get("memory_mb", memory)),
+                multiprocessors=_int(f"{at}.multiprocessors", m.get("multiprocessors", 0)),
+                gi_slices=_int(f"{at}.gi_slices", m.get("gi_slices", slices)),
+                ci_slices=_int(f"{at}.ci_slices", m.get("ci_slices", slices)),
+                engines=engines,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
     return tuple(out)
+
+
+def _profile_defaults(profile: str) -> tuple[int, int]:
+    """Slices and memory (MB) a profile name says: `2g.20gb` -> (2, 20480); (0, 0) if odd."""
+    parts = profile.replace("+", ".").split(".")
+    try:
+        slices = int(parts[0].rstrip("g"))
+        memory = int(next(p for p in parts if p.endswith("gb"))[:-2]) * 1024
+    except (ValueError, StopIteration):
+        return 0, 0
+    return slices, memory
 
 
 class SimulatedBackend:

@@ -14,6 +14,7 @@ from aiodp.config.model import Config
 from aiodp.gpus import health
 from aiodp.gpus.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.gpus.devices import DeviceRegistry, Health
+from aiodp.gpus.live import Holder
 from aiodp.kit import metrics
 from aiodp.ops import podresources
 from aiodp.ops.status import Status
@@ -30,13 +31,14 @@ def tasks(
     backend: DeviceBackend,
     infos: Sequence[DeviceInfo],
     registry: DeviceRegistry,
+    holder: Holder,
     status: Status,
     api: AsyncClient | None,
     stack: contextlib.AsyncExitStack,
 ) -> Tasks:
     """Install the /metrics sources (removed when `stack` closes) and return the tasks:
-    the GPU counters and pod attribution (with a device-metrics interval) and node signals
-    (with NODE_NAME)."""
+    the GPU counters and pod attribution (with a device-metrics interval), node signals
+    (with NODE_NAME) and GPU Feature Discovery's node labels (with --gfd and NODE_NAME)."""
     metrics.set_device_source(
         lambda: [
             (d.resource, d.id, d.health.value,
@@ -52,6 +54,8 @@ def tasks(
         out += _device_metrics(config, backend, infos, registry, status, stack)
     if config.node_signals and config.node_name:
         out.append(("node-signals", _node_signals(config, api, registry, status)))
+    if config.gfd and config.node_name:
+        out.append(("node-labels", _node_labels(config, api, holder, status)))
     return out
 
 
@@ -140,24 +144,56 @@ def _device_metrics(
     return tasks
 
 
-async def _node_signals(
-    config: Config, api: AsyncClient | None, registry: DeviceRegistry, status: Status
-) -> NoReturn:
-    """The node condition and Events on GPU faults, once the plugin has registered (or
-    --stream-open-timeout has passed): the API client's import and first call stay off the
-    start-up path. Without API access: one line, and nothing more to do."""
+async def _api_after_ready(
+    config: Config, api: AsyncClient | None, status: Status, without: str
+) -> tuple[AsyncClient | None, bool]:
+    """The API client once the plugin has registered (or --stream-open-timeout passed): its
+    import and first call stay off the start-up path. (client, whether it is our own)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(config.stream_open_timeout):
             await status.ready.wait()
+    if api is not None:
+        return api, False
     from aiodp.config import pernode  # lightkube: after registration (start-up time)
-    from aiodp.ops import nodesignals
 
-    own = api is None
+    return pernode.client(config, without=without), True
+
+
+async def _node_labels(
+    config: Config, api: AsyncClient | None, holder: Holder, status: Status
+) -> NoReturn:
+    """GPU Feature Discovery's labels, following the live plan. Without API access: one
+    line, and nothing more to do."""
+    api, own = await _api_after_ready(config, api, status, "no GPU Feature Discovery labels")
     if api is None:
-        api = pernode.client(config, without="GPU faults reach no node condition or Event")
+        await asyncio.Event().wait()  # nothing to label with; the task tree keeps its shape
+    assert api is not None
+    from aiodp.ops import nodelabels
+
+    try:
+        publisher = nodelabels.NodeLabels(
+            api, config.node_name, config.namespace, timeout=config.api_timeout,
+            features=config.use_node_feature_api,
+        )  # fmt: skip
+        await nodelabels.run(publisher, holder)
+    finally:
+        if own:
+            await api.close()
+
+
+async def _node_signals(
+    config: Config, api: AsyncClient | None, registry: DeviceRegistry, status: Status
+) -> NoReturn:
+    """The node condition and Events on GPU faults, once the plugin has registered. Without
+    API access: one line, and nothing more to do."""
+    api, own = await _api_after_ready(
+        config, api, status, "GPU faults reach no node condition or Event"
+    )
     if api is None:
         await asyncio.Event().wait()  # nothing to signal with; the task tree keeps its shape
     assert api is not None
+    from aiodp.ops import nodesignals
+
     try:
         signals = nodesignals.NodeSignals(
             api, config.node_name, nodesignals.boot_id(config.proc_root), config.api_timeout

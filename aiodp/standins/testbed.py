@@ -70,6 +70,7 @@ def h100_node(
             '    cuda_compute_capability: "9.0"',
             '    driver_version: "580.95.05"',
             '    cuda_driver_version: "13.0"',
+            "    mig_capable: true",
         ]
         if i in unhealthy:
             lines += ["    health: Unhealthy", f"    reason: {json.dumps(unhealthy[i])}"]

@@ -452,3 +452,47 @@ def test_chart_readme_names_only_nvidias_values_as_nvidias() -> None:
             named += [f"{head}.{k}" for k in rest.rstrip("}").split(",")] if rest else [key]
     assert len(named) > 30
     assert [k for k in named if k not in nvidia and not k.endswith(".*")] == []
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render(values=values, name="gpu", namespace="kube-system")
+    return str(next(text for name, text in files.items() if name.endswith("NOTES.txt")))
+
+
+def test_chart_gfd_enabled_writes_gfds_labels_with_rbac_to_match() -> None:
+    values = {"gfd": {"enabled": True, "sleepInterval": "60s", "oneshot": False,
+                      "noTimestamp": True}}  # fmt: skip
+    objects = render(values)
+    e = env(objects)
+    assert e["AIODP_GFD"] == "true"
+    assert e["NAMESPACE"] == "<from>"
+    assert e["GFD_NO_TIMESTAMP"] == "true"
+    assert "GFD_USE_NODE_FEATURE_API" not in e
+    (role,) = kind(objects, "ClusterRole")
+    assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]} in role["rules"]
+    assert {
+        "apiGroups": ["nfd.k8s-sigs.io"],
+        "resources": ["nodefeatures"],
+        "verbs": ["get", "list", "create", "update"],
+    } in role["rules"]
+    text = notes(values)
+    assert "writes GPU Feature Discovery's nvidia.com/* node labels itself" in text
+    assert "gfd.oneshot, gfd.sleepInterval: no meaning here" in text
+    # the nvidia.com/gpu.present and pci-10de affinity keeps working
+    terms = pod(objects)["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    keys = {x["key"] for t in terms for x in t["matchExpressions"]}
+    assert {"feature.node.kubernetes.io/pci-10de.present", "nvidia.com/gpu.present"} <= keys
+    for obj in objects:
+        if obj["kind"] not in CRDS:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_chart_gfd_off_asks_for_nothing() -> None:
+    objects = render({})
+    assert "AIODP_GFD" not in env(objects)
+    (role,) = kind(objects, "ClusterRole")
+    assert all("nfd.k8s-sigs.io" not in r["apiGroups"] for r in role["rules"])

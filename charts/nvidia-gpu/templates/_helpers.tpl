@@ -38,7 +38,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Several named configs (an external ConfigMap, or more than one inline): per-node choice. */}}
 {{/* Whether the plugin talks to the API: per-node configs or node signals. */}}
 {{- define "aiodp.apiAccess" -}}
-{{- if or (include "aiodp.perNode" .) .Values.nodeSignals.enabled .Values.dra.enabled -}}true{{- end -}}
+{{- if or (include "aiodp.perNode" .) .Values.nodeSignals.enabled .Values.dra.enabled .Values.gfd.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{- define "aiodp.perNode" -}}

@@ -52,7 +52,7 @@ def test_configfile_full_example() -> None:
         "flags.plugin.deviceListStrategy",
         ["envvar", "cdi-annotations"],
     )
-    assert f.ignored == ("flags.gfd",)
+    assert f.ignored == ("flags.gfd.oneshot",)
     assert f.gpu_names[0].name == "nvidia.com/h100"
     assert f.mig_names[0].pattern == "1g.*"
     assert f.sharing is not None
