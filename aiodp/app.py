@@ -40,7 +40,7 @@ import aiodp
 from aiodp.config import resolve as cfg
 from aiodp.config.model import Config
 from aiodp.deviceplugin import generations
-from aiodp.gpus import health, live, startup
+from aiodp.gpus import health, live, mps, startup
 from aiodp.gpus.backend import DeviceBackend
 from aiodp.gpus.devices import DeviceRegistry
 from aiodp.gpus.simulated import SimulatedBackend
@@ -230,13 +230,18 @@ async def _serve(
         )
         status.serving(holder, lambda: tracker.last_probe, registry)
         status.set_phase("registering with the kubelet")
+        mps.check(config, backend)  # ConfigError: exit 2, naming what is missing
         reloader = live.Reloader(
             holder, infos, backend, registry, tracker, status.reloaded,
             withdraw=lambda gpus: status.wait_withdrawn(gpus, config.stream_open_timeout),
+            check=lambda new: mps.check(new, backend),
         )  # fmt: skip
+        daemons = mps.Supervisor(holder, backend, tracker.hold)
+        await daemons.start()  # an MPS resource is Healthy only once its daemon answers
         tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
             ("plugins", generations.run_plugins(holder, registry, status)),
             *startup.tasks(config, backend, reloader, tracker, hup),
+            ("mps", mps.run(daemons, interval=config.health_interval)),
             *operator.tasks(config, backend, infos, registry, holder, status, api, stack),
         ]
         if api is not None:

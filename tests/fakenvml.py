@@ -84,6 +84,8 @@ class FakeGpu:
     nvlinks: dict[int, int] = field(default_factory=dict)
     """peer GPU index -> number of links"""
     migs: list[FakeMig] | None = None
+    compute_mode: int = 0
+    """NVML_COMPUTEMODE_*: 0 default, 3 exclusive process."""
     mig_capable: bool = True
     """False: nvmlDeviceGetMigMode answers NOT_SUPPORTED (a GPU without MIG)."""
     fabric: tuple[bytes, int] | None = None
@@ -306,6 +308,12 @@ class FakeMachine:
         if not gpu.mig_capable:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return [1, 1] if gpu.migs is not None else [0, 0]
+
+    def nvmlDeviceGetComputeMode(self, h: Handle) -> int:
+        return self._gpu(h).compute_mode
+
+    def nvmlDeviceSetComputeMode(self, h: Handle, mode: int) -> None:
+        self._gpu(h).compute_mode = mode
 
     def nvmlDeviceGetGpuFabricInfo(self, h: Handle) -> Any:
         gpu = self._gpu(h)

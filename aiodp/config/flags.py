@@ -72,6 +72,10 @@ def parser(command: str | None = None, *, add_help: bool = True) -> _Parser:
         help="distributed|packed (SHARED_DEVICES_ALLOCATION_POLICY) [distributed]",
     )
     add("--mps-root", help="host directory of the MPS daemon's pipes (MPS_ROOT)")
+    add("--mps-control", help="the MPS control binary (AIODP_MPS_CONTROL) "
+        "[nvidia-cuda-mps-control]")  # fmt: skip
+    add("--mps-mount-shm", nargs="?", const="true",
+        help="mount a tmpfs at <mpsRoot>/shm (AIODP_MPS_MOUNT_SHM) [true]")  # fmt: skip
     add(
         "--kubelet-socket",
         help=f"kubelet registration socket (KUBELET_SOCKET) [{DEFAULT_KUBELET_SOCKET}]",
@@ -221,6 +225,8 @@ ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "mig_strategy": "MIG_STRATEGY",
     "shared_devices_allocation_policy": "SHARED_DEVICES_ALLOCATION_POLICY",
     "mps_root": "MPS_ROOT",
+    "mps_control": "AIODP_MPS_CONTROL",
+    "mps_mount_shm": "AIODP_MPS_MOUNT_SHM",
     "kubelet_socket": "KUBELET_SOCKET",
     "backend": "AIODP_BACKEND",
     "simulated_devices": "AIODP_SIMULATED_DEVICES",

@@ -113,6 +113,12 @@ class Config:
     """Preferred allocation of replicas and MIG devices: spread over GPUs, or pack them."""
     mps_root: Path | None = None
     """Host directory of the MPS control daemon's pipes and shm (needed with sharing.mps)."""
+    mps_mount_shm: bool = True
+    """Mount a tmpfs at `<mpsRoot>/shm` for the MPS clients' /dev/shm (NVIDIA's daemon does);
+    false where the host provides it. Needs CAP_SYS_ADMIN."""
+    mps_control: str = "nvidia-cuda-mps-control"
+    """The MPS control binary (found on PATH, or a path): the plugin runs one daemon per MPS
+    resource with it."""
     sharing: configfile.Sharing | None = None
     gpu_names: tuple[configfile.NamePattern, ...] = ()
     mig_names: tuple[configfile.NamePattern, ...] = ()

@@ -221,6 +221,8 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "mig_strategy": _choice(("none", "single", "mixed")),
     "shared_devices_allocation_policy": _choice(("distributed", "packed")),
     "mps_root": _host_root,
+    "mps_control": _nonempty,
+    "mps_mount_shm": parse_bool,
     "kubelet_socket": _path,
     "backend": _choice(("auto", "nvml", "simulated")),
     "simulated_devices": _path,

@@ -176,3 +176,8 @@ class DeviceBackend(Protocol):
     async def read_metrics(self) -> Mapping[str, GpuMetrics]:
         """A reading of every GPU's counters, by GPU UUID (off the loop)."""
         ...
+
+    async def set_compute_mode(self, uuids: Collection[str], exclusive: bool) -> None:
+        """EXCLUSIVE_PROCESS (for an MPS daemon) or DEFAULT on these GPUs; BackendError when
+        the backend cannot (the simulated one has no GPUs to set)."""
+        ...

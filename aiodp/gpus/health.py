@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -79,6 +79,8 @@ class HealthTracker:
         self.policy = policy or HealthPolicy()
         self._clock = clock
         self._tracks: dict[Uuid, _Track] = {}
+        self._holds: dict[Uuid, str] = {}
+        """GPUs held Unhealthy by something beside the GPU itself (its MPS daemon down)."""
         self.last_probe: float | None = None
         """When the last round of probes was applied: the liveness probe's heartbeat."""
 
@@ -128,17 +130,35 @@ class HealthTracker:
             self._track(uuid).event(event.reason, now, event.recovers_at_once)
         return self._apply()
 
+    def hold(self, gpus: Collection[str], reason: str | None) -> tuple[tuple[Device, Device], ...]:
+        """Hold these GPUs (and all on them) Unhealthy for `reason` until held again with
+        None, whatever the probes say: a condition outside the GPU, such as its MPS daemon."""
+        released = set()
+        for uuid in gpus:
+            if reason is None:
+                if self._holds.pop(Uuid(uuid), None) is not None:
+                    released.add(uuid)
+            else:
+                self._holds[Uuid(uuid)] = reason
+        for d in self._devices():
+            if d.gpu in released:
+                self._track(d.uuid)  # a verdict again: Healthy unless its own track says no
+        return self._apply()
+
     def reapply(self) -> tuple[tuple[Device, Device], ...]:
         """Apply the tracked verdicts again, e.g. after the device list was replaced."""
         return self._apply()
 
     def _apply(self) -> tuple[tuple[Device, Device], ...]:
         verdicts: dict[Uuid, tuple[Health, str]] = {}
-        for uuid in {d.uuid for d in self._devices()}:
+        for device in self._devices():
+            uuid = device.uuid
             track = self._tracks.get(uuid)
-            if track is None:
+            held = self._holds.get(device.gpu)
+            if track is None and held is None:
                 continue
-            reason = track.reason
+            reason = track.reason if track is not None else None
+            reason = reason or held
             verdicts[uuid] = (Health.HEALTHY, "") if reason is None else (Health.UNHEALTHY, reason)
         changes = self.registry.apply_health(verdicts)
         log_transitions(changes)

@@ -143,8 +143,11 @@ class Reloader:
         tracker: health.HealthTracker,
         on_result: Callable[[str], None],
         withdraw: Callable[[frozenset[str]], Awaitable[None]] | None = None,
+        check: Callable[[Config], None] = lambda _: None,
     ) -> None:
         self.holder = holder
+        self.check = check
+        """Refuses a config this node cannot serve (ConfigError), before anything changes."""
         self.withdraw = withdraw
         """Waits until neither API shows these GPUs (a GPU moving between the device plugin
         and DRA is withdrawn from one before it appears in the other)."""
@@ -169,6 +172,7 @@ class Reloader:
 
     async def apply(self, config: Config, *, rediscover: bool) -> bool:
         """Install `config` (and fresh devices); False when nothing changed."""
+        self.check(config)
         old = self.holder.current()
         topo = old.topo
         if rediscover:

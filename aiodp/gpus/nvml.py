@@ -34,7 +34,7 @@ from aiodp.gpus.backend import (
 )
 from aiodp.gpus.devices import Health
 from aiodp.kit import metrics
-from aiodp.kit.errors import BackendUnavailable
+from aiodp.kit.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ NVML_GONE: Final = frozenset(
 NOT_SUPPORTED: Final = nvmlcounters.NOT_SUPPORTED
 FEATURE_ENABLED: Final = 1
 FABRIC_STATE_COMPLETED: Final = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+COMPUTE_DEFAULT: Final = 0  # NVML_COMPUTEMODE_DEFAULT
+COMPUTE_EXCLUSIVE_PROCESS: Final = 3  # NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
 NOT_FOUND: Final = 6
 TIMEOUT: Final = 10
 
@@ -103,6 +105,8 @@ class NvmlBackend:
     It is given only where to read what NVML does not say: `sys_root` (a GPU's NUMA node)
     and `proc_root` (MIG capability device minors).
     """
+
+    name: Final = "nvml"
 
     def __init__(
         self,
@@ -390,6 +394,24 @@ class NvmlBackend:
                 if key.strip() == "DeviceFileMinor":
                     paths.append(f"/dev/nvidia-caps/nvidia-cap{int(value)}")
         return tuple(paths)
+
+    # -- compute mode (MPS) --------------------------------------------------------------
+
+    async def set_compute_mode(self, uuids: Collection[str], exclusive: bool) -> None:
+        """EXCLUSIVE_PROCESS or DEFAULT on each GPU (what an MPS daemon needs, as NVIDIA's
+        mps-control-daemon sets with nvidia-smi -c); BackendError naming the GPU if not."""
+        mode = COMPUTE_EXCLUSIVE_PROCESS if exclusive else COMPUTE_DEFAULT
+        try:
+            await self._call(self._set_modes, sorted(uuids), mode)
+        except self.n.NVMLError as e:
+            metrics.observe_nvml_error("nvmlDeviceSetComputeMode")
+            raise BackendError(f"cannot set the compute mode: {e}") from None
+
+    def _set_modes(self, uuids: list[str], mode: int) -> None:
+        for uuid in uuids:
+            h = self.n.nvmlDeviceGetHandleByUUID(uuid)
+            if int(self.n.nvmlDeviceGetComputeMode(h)) != mode:
+                self.n.nvmlDeviceSetComputeMode(h, mode)
 
     # -- metrics -------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from aiodp.gpus.backend import (
     Probe,
 )
 from aiodp.gpus.devices import Health
-from aiodp.kit.errors import ConfigError, brief, cut, cut_text
+from aiodp.kit.errors import BackendError, ConfigError, brief, cut, cut_text
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,8 @@ class SimulatedBackend:
     A bad edit is refused with a log line and the last good content stays.
     """
 
+    name: Final = "simulated"
+
     def __init__(self, path: Path, *, max_bytes: int = configfile.MAX_FILE_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -390,6 +392,9 @@ class SimulatedBackend:
 
     async def topology(self) -> topology.Topology:
         return self.node.topology()
+
+    async def set_compute_mode(self, uuids: Collection[str], exclusive: bool) -> None:
+        raise BackendError("the simulated backend has no GPUs whose compute mode could be set")
 
     async def read_metrics(self) -> Mapping[str, GpuMetrics]:
         return self.node.metrics

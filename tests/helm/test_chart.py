@@ -496,3 +496,17 @@ def test_chart_gfd_off_asks_for_nothing() -> None:
     assert "AIODP_GFD" not in env(objects)
     (role,) = kind(objects, "ClusterRole")
     assert all("nfd.k8s-sigs.io" not in r["apiGroups"] for r in role["rules"])
+
+
+def test_chart_an_mps_config_mounts_the_mps_root_with_host_pid() -> None:
+    mps = (
+        "version: v1\nsharing:\n  mps:\n    resources:\n    - {name: nvidia.com/gpu, replicas: 4}\n"
+    )
+    objects = render({"config": {"map": {"default": mps}}})
+    spec = pod(objects)
+    assert spec["hostPID"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container(objects)["volumeMounts"]}
+    assert mounts["mps-root"] == "/run/nvidia/mps"
+    assert container(objects)["securityContext"]["capabilities"]["add"] == ["SYS_ADMIN"]
+    assert "hostPID" not in pod(render({"mps": {"enableHostPID": True}}))  # no MPS config
+    assert "runs and supervises one nvidia-cuda-mps-control daemon" in notes({})

@@ -9,6 +9,7 @@ import pytest
 from aiodp.gpus import health, topology
 from aiodp.gpus.backend import DeviceInfo, GpuMetrics, HealthEvent, Probe
 from aiodp.gpus.devices import DeviceRegistry, Health
+from aiodp.kit.errors import BackendError
 from tests.builders import gpu
 
 
@@ -44,6 +45,9 @@ class ScriptedBackend:
 
     async def read_metrics(self) -> Mapping[str, GpuMetrics]:
         return {}
+
+    async def set_compute_mode(self, uuids: Collection[str], exclusive: bool) -> None:
+        raise BackendError("a scripted backend has no compute mode")
 
 
 def registry() -> DeviceRegistry:

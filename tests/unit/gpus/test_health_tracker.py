@@ -248,3 +248,27 @@ def test_tracker_a_new_reason_while_unhealthy_is_no_second_transition(
     )
     assert after.get(total, 0) == before.get(total, 0)
     assert "Unhealthy -> Unhealthy" not in caplog.text
+
+
+def test_tracker_a_hold_keeps_a_gpu_unhealthy_whatever_the_probes_say() -> None:
+    reg, t, clock = tracker(300)
+    t.on_probes(all_ok())
+    t.hold(["GPU-1"], "MPS control daemon for nvidia.com/gpu is down")
+    assert not healthy(reg)["MIG-a"]  # everything on the GPU
+    assert reg.get("MIG-b").reason == "MPS control daemon for nvidia.com/gpu is down"  # type: ignore[union-attr]
+    clock.now = 1000
+    t.on_probes(all_ok())
+    assert not healthy(reg)["MIG-a"]
+    assert healthy(reg)["GPU-0"]
+    t.hold(["GPU-1"], None)
+    assert healthy(reg)["MIG-a"]
+    assert healthy(reg)["MIG-b"]
+
+
+def test_tracker_a_released_hold_leaves_the_gpus_own_fault() -> None:
+    reg, t, _ = tracker(300)
+    t.on_probes(all_ok())
+    t.on_event(HealthEvent("GPU-0", "XID 79", xid=79))
+    t.hold(["GPU-0"], "MPS down")
+    t.hold(["GPU-0"], None)
+    assert reg.get("GPU-0").reason == "XID 79"  # type: ignore[union-attr]
