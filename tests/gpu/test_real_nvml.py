@@ -75,3 +75,44 @@ async def test_gpu_metrics_read_in_their_units() -> None:
             assert 0 < m.power_watts < 2000  # watts, not milliwatts
         if m.sm_clock_hertz is not None:
             assert 1e8 < m.sm_clock_hertz < 5e9  # hertz, not MHz
+
+
+async def test_gpu_feature_discovery_labels_from_real_discovery() -> None:
+    from aiodp.config.model import Config
+    from aiodp.gpus import labels
+
+    async with NvmlBackend() as backend:
+        infos = await backend.discover()
+    got = labels.labels(infos, Config(), machine="gpu-check", timestamp=1)
+    assert got["nvidia.com/gpu.count"] == str(len(infos))
+    assert got["nvidia.com/gpu.mode"] in ("compute", "graphics")
+    assert got["nvidia.com/cuda.driver-version.full"].count(".") >= 1
+    assert got["nvidia.com/gpu.family"] != "undefined"
+    print({k: v for k, v in sorted(got.items())})  # noqa: T201 - the note quotes them
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("nvidia-cuda-mps-control") is None,
+    reason="no nvidia-cuda-mps-control here",
+)
+async def test_gpu_mps_daemon_round(tmp_path: Path) -> None:
+    """The real control binary: EXCLUSIVE_PROCESS, the daemon started with its limits,
+    answering, then quit and the compute mode put back."""
+    from aiodp.gpus import mps
+
+    async with NvmlBackend() as backend:
+        infos = await backend.discover()
+        g = infos[0]
+        spec = mps.DaemonSpec("nvidia.com/gpu", tmp_path, ((g.index, g.uuid, g.memory_mib),), 2)
+        control = mps.Control("nvidia-cuda-mps-control", spec)
+        spec.pipe_dir.mkdir(parents=True)
+        spec.log_dir.mkdir(parents=True)
+        await backend.set_compute_mode([g.uuid], exclusive=True)
+        try:
+            await control.start()
+            for command in spec.defaults():
+                await control.send(command)
+            assert float(await control.send(mps.PROBE)) == 50.0
+        finally:
+            await control.quit()
+            await backend.set_compute_mode([g.uuid], exclusive=False)
