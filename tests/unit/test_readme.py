@@ -107,3 +107,13 @@ def test_readme_command_example_parses(line: str) -> None:
         assert f"reason={nodesignals.XID_EVENT}" in argv[-1]
     else:
         assert argv[0] == "make", line
+
+
+def test_readme_says_the_node_conditions_polarity_against_gkes() -> None:
+    """GKE's condition XidCriticalError is True on a fault; ours, GPUHealthy, is False: the
+    README said 'as GKE's plugin does' without the difference."""
+    fault = nodesignals.condition([nodesignals.Fault("GPU-0", "0", "XID 79")], "boot")
+    assert (nodesignals.CONDITION, fault["status"]) == ("GPUHealthy", "False")
+    text = " ".join(README.split())
+    assert "GKE's condition is of type `XidCriticalError` and is `True` on a fault" in text
+    assert "ours is `GPUHealthy` and is `False` on a fault" in text
