@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -180,10 +180,18 @@ class DraV1beta1Service(dra_v1beta1.DraPluginBase):
         return dra_v1beta1.NodeUnprepareResourcesResponse.parse(bytes(answer))
 
 
+HEALTH_TIMEOUT: Final = 60
+"""`health_check_timeout_seconds` of every device: the kubelet reads a device Unknown when it
+has not been reported for this long (0 would mean 30 s)."""
+RESEND: Final = 20.0
+"""Seconds after which the full list is sent again, unchanged: well inside the timeout."""
+
+
 def health_list(
     devices: Sequence[Device], registry: DeviceRegistry, pool: str
 ) -> health_v1.NodeWatchResourcesResponse:
-    """Every DRA device with its health and when it last changed (whole seconds)."""
+    """Every DRA device with its health, when it last changed (whole seconds) and how long
+    the kubelet may trust this report (HEALTH_TIMEOUT)."""
     out = health_v1.NodeWatchResourcesResponse()
     for d in devices:
         since = registry.since(d.id)
@@ -196,6 +204,7 @@ def health_list(
                 if d.health is Health.HEALTHY
                 else health_v1.HealthStatus.UNHEALTHY,
                 last_updated_time=int(since) if since is not None else 0,
+                health_check_timeout_seconds=HEALTH_TIMEOUT,
                 message=cut_text(d.reason, 200),
             )
         )
@@ -210,11 +219,19 @@ class HealthStreams:
     registry: DeviceRegistry
     resource: str
     pool: str
+    resend: float = RESEND
 
-    async def lists(self) -> AsyncIterator[health_v1.NodeWatchResourcesResponse]:
-        """Until the stream is cancelled (the kubelet leaves, or our server closes)."""
-        async for devices in self.registry.watch(self.resource):
+    async def lists(self) -> AsyncGenerator[health_v1.NodeWatchResourcesResponse, None]:
+        """The full list at once, after every change, and again every `resend` seconds
+        without one (the kubelet's health of a device goes stale, Unknown in pod status,
+        when it is not reported within its timeout). Until the stream is cancelled."""
+        while True:
+            devices = self.registry.inventory().for_resource(self.resource)
             yield health_list(devices, self.registry, self.pool)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.resend):
+                    while self.registry.inventory().for_resource(self.resource) == devices:
+                        await self.registry.changed()
 
 
 class HealthV1Service(health_v1.DraResourceHealthBase):

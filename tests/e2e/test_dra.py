@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.apiserver import ApiServer, Scheduler
 from tests.e2e.conftest import report
-from tests.e2e.peer import DraKubelet, dra_versions
+from tests.e2e.peer import DraKubelet, DriverError, dra_versions
 from tests.harness import h100_node, running, write_atomically
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -184,6 +184,18 @@ async def test_e2e_dra_claim_scheduled_and_prepared_by_the_real_kubernetes(
                     "health", pod="pod-a", uid=pod_uid, claim="claim-a", want="Healthy",
                     timeout=30,
                 )  # fmt: skip
+                # 40 s with no change: the kubelet's health of the claim must not go stale
+                # (Unknown after a device's timeout, 30 s when none is set): we set the
+                # timeout and re-send the full list well inside it
+                with pytest.raises(DriverError) as stale:
+                    await kubelet.call(
+                        "health", pod="pod-a", uid=pod_uid, claim="claim-a", want="Unknown",
+                        timeout=40,
+                    )  # fmt: skip
+                assert "timed out" in str(stale.value)
+                assert "'Healthy'" in str(stale.value)
+                report("DRA e2e: 40 s after the last change the kubelet still reads the "
+                       "claim's device Healthy (not Unknown)")  # fmt: skip
 
             # a kubelet restart: it wipes the node's slices; they come back, the driver is
             # found again without registering, and the prepared claim is still answered
