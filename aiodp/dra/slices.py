@@ -13,13 +13,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiodp.gpus.backend import DeviceInfo
+from aiodp.gpus.backend import DeviceInfo, sysfs_bdf
 from aiodp.gpus.devices import Device, Health, Kind
 from aiodp.gpus.topology import Topology
 
 MAX_DEVICES_PER_SLICE: Final = 128
 """The API's limit on devices in one ResourceSlice."""
 MAX_ATTRIBUTES: Final = 32
+STANDARD: Final = "resource.kubernetes.io/"
+"""Kubernetes' standard device attributes (KEP-6072, GA in 1.37): pciBusID, pcieRoot and
+numaNode, so that a claim can align a GPU with a NIC on one PCIe root or NUMA node; our bare
+`pciBusID` and `numaNode` stay for a release, deprecated."""
 """The API's limit on attributes plus capacities of one device."""
 TAINT_KEY: Final = "gpu.aiodp.io/unhealthy"
 """The DeviceTaint an Unhealthy device carries (effect NoSchedule)."""
@@ -67,8 +71,9 @@ def _attributes(dev: Device, gpu: DeviceInfo | None, island: int | None) -> dict
     attrs: dict[str, Any] = {
         "type": {"string": "mig" if dev.kind is Kind.MIG else "gpu"},
         "uuid": {"string": dev.uuid},
-        "index": {"string": dev.index},
     }
+    gpu_index, _, mig_index = dev.index.partition(":")
+    attrs["index"] = {"int": int(mig_index or gpu_index)}  # NVIDIA's driver publishes none
     if gpu is not None:
         texts = {
             "productName": gpu.name,
@@ -87,8 +92,13 @@ def _attributes(dev: Device, gpu: DeviceInfo | None, island: int | None) -> dict
             attrs["parentUUID"] = {"string": gpu.uuid}
             if profile := _mig_profile(dev, gpu):
                 attrs["profile"] = {"string": profile}
+    if gpu is not None and gpu.pci_bus_id:
+        attrs[STANDARD + "pciBusID"] = {"string": sysfs_bdf(gpu.pci_bus_id)}
+    if gpu is not None and gpu.pcie_root:
+        attrs[STANDARD + "pcieRoot"] = {"string": gpu.pcie_root}
     if dev.numa_node is not None:
-        attrs["numaNode"] = {"int": dev.numa_node}
+        attrs["numaNode"] = {"int": dev.numa_node}  # deprecated: the standard name below
+        attrs[STANDARD + "numaNode"] = {"int": dev.numa_node}
     if island is not None:
         attrs["nvlinkIsland"] = {"int": island}
     return attrs

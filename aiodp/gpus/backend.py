@@ -25,6 +25,7 @@ __all__ = [
     "Probe",
     "control_paths",
     "imex_channels",
+    "sysfs_bdf",
 ]
 
 CONTROL_PATHS: Final = (
@@ -34,6 +35,12 @@ CONTROL_PATHS: Final = (
     "/dev/nvidia-modeset",
 )
 """The driver's shared control nodes a container may need, as NVIDIA's plugin lists them."""
+
+
+def sysfs_bdf(bus_id: str) -> str:
+    """NVML's `00000000:18:00.0` as sysfs spells it: `0000:18:00.0`."""
+    domain, _, rest = bus_id.lower().partition(":")
+    return f"{int(domain, 16):04x}:{rest}" if rest else bus_id.lower()
 
 
 def imex_channels(dev_root: Path, wanted: Sequence[int]) -> tuple[int, ...]:
@@ -106,6 +113,9 @@ class DeviceInfo:
     """The PCI device class: 0x030200 a 3D controller (compute), 0x030000 VGA (graphics)."""
     fabric: str = ""
     """`<cluster UUID>.<clique ID>` of a fabric-attached GPU (NVLink domain); empty if none."""
+    pcie_root: str = ""
+    """The PCIe root complex the GPU hangs off (`pci0000:17`, from sysfs); empty if unknown:
+    what DRA publishes as `resource.kubernetes.io/pcieRoot`, to align a GPU and a NIC."""
 
 
 CLOCK_EVENTS: Final = metrics.CLOCK_EVENT_LABELS

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
+import re
 import threading
 import uuid as uuid_module
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
@@ -31,6 +33,7 @@ from aiodp.gpus.backend import (
     HealthEvent,
     MigInfo,
     Probe,
+    sysfs_bdf,
 )
 from aiodp.gpus.devices import Health
 from aiodp.kit import metrics
@@ -49,6 +52,8 @@ NVML_GONE: Final = frozenset(
 )  # UNINITIALIZED, DRIVER_NOT_LOADED, LIB_NOT_FOUND, RM_MISMATCH
 NOT_SUPPORTED: Final = nvmlcounters.NOT_SUPPORTED
 FEATURE_ENABLED: Final = 1
+_PCIE_ROOT: Final = re.compile(r"pci[0-9a-f]{4}:[0-9a-f]{2}")
+"""A root complex in a sysfs device path: `pci0000:17`."""
 FABRIC_STATE_COMPLETED: Final = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
 COMPUTE_DEFAULT: Final = 0  # NVML_COMPUTEMODE_DEFAULT
 COMPUTE_EXCLUSIVE_PROCESS: Final = 3  # NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
@@ -83,12 +88,6 @@ class _Identity(TypedDict, total=False):
 def _cuda_version(value: int) -> str:
     """NVML's CUDA driver version integer (12090) as `12.9`."""
     return f"{value // 1000}.{value % 1000 // 10}"
-
-
-def sysfs_bdf(bus_id: str) -> str:
-    """NVML's `00000000:18:00.0` as sysfs spells it: `0000:18:00.0`."""
-    domain, _, rest = bus_id.lower().partition(":")
-    return f"{int(domain, 16):04x}:{rest}" if rest else bus_id.lower()
 
 
 def mig_profile(gi_slices: int, ci_slices: int, memory_mb: int) -> str:
@@ -174,7 +173,10 @@ class NvmlBackend:
         for info in raw:
             numa = await self._numa_node(info.pci_bus_id)
             pci_class = await self._pci_class(info.pci_bus_id)
-            infos.append(dataclasses.replace(info, numa_node=numa, pci_class=pci_class))
+            root = await asyncio.to_thread(self._pcie_root, info.pci_bus_id)
+            infos.append(
+                dataclasses.replace(info, numa_node=numa, pci_class=pci_class, pcie_root=root)
+            )
         self._infos = tuple(infos)
         self._topology = topology.build(
             [(g.uuid, g.index, g.numa_node) for g in self._infos], nvlinks=links, pcie=pcie
@@ -205,6 +207,16 @@ class NvmlBackend:
                 return int((await f.read()).strip(), 16)
         except (OSError, ValueError):
             return None
+
+    def _pcie_root(self, bus_id: str) -> str:
+        """The root complex in the device's sysfs path (`.../devices/pci0000:17/...`); blocking."""
+        if not bus_id:
+            return ""
+        try:
+            real = os.path.realpath(self.sys_root / "bus/pci/devices" / sysfs_bdf(bus_id))
+        except OSError:
+            return ""
+        return next((p for p in Path(real).parts if _PCIE_ROOT.fullmatch(p)), "")
 
     def _fabric(self, h: Any) -> str:
         """`<cluster UUID>.<clique ID>` of a GPU whose fabric registration completed (what

@@ -68,6 +68,7 @@ GPU_KEYS: Final = frozenset(
         "mig_capable",
         "pci_class",
         "fabric",
+        "pcie_root",
     }
 )
 MIG_KEYS: Final = frozenset(
@@ -210,6 +211,7 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
                 mig_capable=_flag(f"{where}.mig_capable", g.get("mig_capable", bool(migs))),
                 pci_class=_int(f"{where}.pci_class", g.get("pci_class", COMPUTE_CLASS)),
                 fabric=_opt(f"{where}.fabric", g.get("fabric"), ""),
+                pcie_root=_opt(f"{where}.pcie_root", g.get("pcie_root"), ""),
                 **{k: _opt(f"{where}.{k}", g.get(k), "") for k in _IDENTITY},
             )
         )

@@ -140,11 +140,17 @@ def test_slice_device_attributes_and_taint() -> None:
     topo = topology.build(
         [("GPU-0", 0, 0), ("GPU-1", 1, 0)], nvlinks={frozenset({"GPU-0", "GPU-1"}): 4}
     )
-    pool = slices.pool("node", DRIVER, dev, {"GPU-0": gpu(0), "GPU-1": gpu(1)}, topo)
+    placed = gpu(0, pci_bus_id="00000000:18:00.0", pcie_root="pci0000:17")
+    pool = slices.pool("node", DRIVER, dev, {"GPU-0": placed, "GPU-1": gpu(1)}, topo)
     first, second = pool.devices
     assert first["name"] == "gpu-0"
     assert first["attributes"]["cudaComputeCapability"] == {"version": "9.0.0"}
     assert first["attributes"]["nvlinkIsland"] == second["attributes"]["nvlinkIsland"] == {"int": 0}
+    assert first["attributes"]["index"] == {"int": 0}
+    assert first["attributes"]["resource.kubernetes.io/numaNode"] == {"int": 0}
+    assert first["attributes"]["resource.kubernetes.io/pciBusID"] == {"string": "0000:18:00.0"}
+    assert first["attributes"]["resource.kubernetes.io/pcieRoot"] == {"string": "pci0000:17"}
+    assert first["attributes"]["numaNode"] == {"int": 0}  # deprecated, kept for a release
     assert "taints" not in first
     assert second["taints"] == [
         {"key": slices.TAINT_KEY, "value": "XID-79", "effect": "NoSchedule"}

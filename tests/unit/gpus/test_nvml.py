@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from aiodp.config.model import Config
-from aiodp.gpus.backend import HealthEvent, control_paths
+from aiodp.gpus.backend import HealthEvent, control_paths, sysfs_bdf
 from aiodp.gpus.devices import Health
-from aiodp.gpus.nvml import NvmlBackend, mig_profile, sysfs_bdf
+from aiodp.gpus.nvml import NvmlBackend, mig_profile
 from aiodp.kit import metrics
 from aiodp.kit.errors import BackendUnavailable
 from tests import fakenvml
@@ -310,3 +310,25 @@ async def test_nvml_metrics_batch_the_counters(
         assert one_by_one not in machine.calls
     said = [r for r in caplog.records if "does not support pcie_replays" in r.getMessage()]
     assert len(said) == len(machine.gpus)  # once per GPU
+
+
+async def test_nvml_pcie_root_class_fabric_and_mig_capability(short_dir: Path) -> None:
+    """What GFD's labels and DRA's standard attributes need, read from sysfs and NVML."""
+    machine = dgx(2)
+    machine.gpus[1].mig_capable = False
+    machine.gpus[0].fabric = (bytes(range(16)), 7)
+    sysfs = short_dir / "sys"
+    bdf = sysfs_bdf(machine.gpus[0].bus_id)
+    real = sysfs / "devices/pci0000:17/0000:17:00.0" / bdf
+    real.mkdir(parents=True)
+    (real / "class").write_text("0x030200\n")
+    (sysfs / "bus/pci/devices").mkdir(parents=True)
+    (sysfs / "bus/pci/devices" / bdf).symlink_to(real)
+    config = dataclasses.replace(Config(), sys_root=sysfs, proc_root=short_dir / "proc")
+    async with on(config, machine) as b:
+        first, second = await b.discover()
+    assert (first.pcie_root, first.pci_class) == ("pci0000:17", 0x030200)
+    assert (second.pcie_root, second.pci_class) == ("", None)  # no sysfs entry: unknown
+    assert first.fabric == "00010203-0405-0607-0809-0a0b0c0d0e0f.7"
+    assert second.fabric == ""
+    assert (first.mig_capable, second.mig_capable) == (True, False)
