@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from aiodp.gpus import sharing
 from aiodp.gpus.backend import DeviceInfo, sysfs_bdf
 from aiodp.gpus.devices import Device, Health, Kind
 from aiodp.gpus.topology import Topology
@@ -31,11 +32,8 @@ API_VERSIONS: Final = ("v1", "v1beta2", "v1beta1")
 """resource.k8s.io versions we can write, most preferred first (1.34, 1.33, 1.32)."""
 
 
-def device_name(dev: Device) -> str:
-    """The DRA device name, a DNS label: `gpu-3` for GPU 3, `gpu-3-mig-1` for its MIG
-    device 3:1. Stable across restarts (NVIDIA's indexes), unique in the pool."""
-    gpu, _, mig = dev.index.partition(":")
-    return f"gpu-{gpu}-mig-{mig}" if dev.kind is Kind.MIG else f"gpu-{gpu}"
+device_name: Final = sharing.dra_device_name
+"""A device's DRA name (`gpu-3`, `gpu-3-mig-1`): the GPU core names it, for pod attribution too."""
 
 
 def semver(text: str) -> str | None:

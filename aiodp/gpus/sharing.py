@@ -45,6 +45,13 @@ def dra_resource(driver: str) -> str:
     return DRA_PREFIX + driver
 
 
+def dra_device_name(dev: Device) -> str:
+    """A device's name in our DRA pool, a DNS label: `gpu-3` for GPU 3, `gpu-3-mig-1` for
+    its MIG device 3:1. Stable across restarts (NVIDIA's indexes), unique in the pool."""
+    gpu, _, mig = dev.index.partition(":")
+    return f"gpu-{gpu}-mig-{mig}" if dev.kind is Kind.MIG else f"gpu-{gpu}"
+
+
 def is_dra(resource: str) -> bool:
     return resource.startswith(DRA_PREFIX)
 

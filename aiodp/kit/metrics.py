@@ -173,7 +173,8 @@ REGISTRY.register(_Devices())
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, ...
 
 GPU_LABELS: Final = (
-    "gpu", "UUID", "modelName", "GPU_I_ID", "GPU_I_PROFILE", "pod", "namespace", "container"
+    "gpu", "UUID", "modelName", "GPU_I_ID", "GPU_I_PROFILE", "pod", "namespace", "container",
+    "claim_name", "claim_namespace",
 )  # fmt: skip
 """As dcgm-exporter names them. A MIG device's series carry its parent's gpu, UUID and model
 with its GPU instance and profile (empty for a whole GPU); pod, namespace and container are

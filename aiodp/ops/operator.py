@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiodp.config.model import Config
-from aiodp.gpus import health
+from aiodp.gpus import health, sharing
 from aiodp.gpus.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.gpus.devices import DeviceRegistry, Health
 from aiodp.gpus.live import Holder
@@ -81,9 +81,18 @@ def _device_metrics(
         d = registry.get(device_id)
         return d.uuid if d is not None and d.resource == resource else None
 
+    def claimed(driver: str, pool: str, name: str) -> str | None:
+        if driver != config.dra_driver_name or (config.node_name and pool != config.node_name):
+            return None
+        resource = sharing.dra_resource(driver)
+        for d in registry.inventory().for_resource(resource):
+            if sharing.dra_device_name(d) == name:
+                return d.uuid
+        return None
+
     pods = None
     if config.pod_resources_socket is not None:
-        pods = podresources.Attribution(config.pod_resources_socket, physical)
+        pods = podresources.Attribution(config.pod_resources_socket, physical, claimed)
 
     def rows() -> list[metrics.GpuRow]:
         out: list[metrics.GpuRow] = []
@@ -103,11 +112,14 @@ def _device_metrics(
                 mine = list(holders.get(u, ()))
             else:
                 continue
-            held = sorted({(h.pod, h.namespace, h.container) for h in mine})
+            held = sorted(
+                {(h.pod, h.namespace, h.container, h.claim_name, h.claim_namespace) for h in mine}
+            )
             if len(held) > podresources.MAX_LABELLED_HOLDERS:
                 held = []  # widely shared: once, unlabelled (aiodp_pod_devices names them)
-            for pod, namespace, container in held or [("", "", "")]:
-                labels = {**base, "pod": pod, "namespace": namespace, "container": container}
+            for pod, namespace, container, claim, claim_ns in held or [("", "", "", "", "")]:
+                labels = {**base, "pod": pod, "namespace": namespace, "container": container,
+                          "claim_name": claim, "claim_namespace": claim_ns}  # fmt: skip
                 out.append((labels, values))
         return out
 
@@ -134,12 +146,21 @@ def _device_metrics(
         stack.callback(metrics.set_pod_source, None)
         status.attributing(
             lambda: {
-                h.device: f"{h.namespace}/{h.pod}/{h.container}"
-                for held in attribution.holders.values()
+                (uuid if h.claim_name else h.device): f"{h.namespace}/{h.pod}/{h.container}"
+                for uuid, held in attribution.holders.items()
                 for h in held
-            },
+            },  # a DRA device's ID in the registry is its UUID
             attribution.on_allocate,
-        )
+            lambda: sorted(
+                {
+                    (f"{h.claim_namespace}/{h.claim_name}", f"{h.namespace}/{h.pod}/{h.container}",
+                     h.device)
+                    for held in attribution.holders.values()
+                    for h in held
+                    if h.claim_name
+                }
+            ),
+        )  # fmt: skip
         tasks.append(("pod-resources", attribution.run(interval=config.device_metrics_interval)))
     return tasks
 

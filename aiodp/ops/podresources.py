@@ -34,6 +34,9 @@ MAX_HOLDERS: Final = 4096
 MAX_LABELLED_HOLDERS: Final = 8
 """A GPU held by more containers (time-slicing, MPS) has its counters reported once, without
 pod labels, rather than copied per container: scrape size stays bounded by the GPUs."""
+MAX_CLAIM_RESOURCES: Final = 16384
+"""Claimed devices (`dynamic_resources`) looked at per answer, ours or not: a hostile or
+broken peer listing 10,000s costs a bounded walk."""
 CALL_TIMEOUT: Final = 5.0
 ALLOCATE_DELAY: Final = 1.0
 """After an Allocate, wait this long before asking: the kubelet lists a container only once
@@ -49,7 +52,11 @@ class Holder:
     container: str
     resource: str
     device: str
-    """The device ID as allocated (a UUID, `<uuid>::<n>`, a MIG UUID or an index)."""
+    """The device ID as allocated (a UUID, `<uuid>::<n>`, a MIG UUID or an index), or the
+    DRA device name (`gpu-3`)."""
+    claim_namespace: str = ""
+    claim_name: str = ""
+    """The ResourceClaim a DRA-served device was allocated through; empty otherwise."""
 
 
 Holders = Mapping[str, tuple[Holder, ...]]
@@ -66,14 +73,37 @@ class _BoundedCodec(ProtoCodec):
 def holders(
     answer: ListPodResourcesResponse,
     physical: Callable[[str, str], str | None],
+    claimed: Callable[[str, str, str], str | None] = lambda *_: None,
 ) -> dict[str, tuple[Holder, ...]]:
     """Map the kubelet's answer to our devices; `physical(resource, device_id)` names the GPU
-    or MIG device UUID behind an ID of ours (a replica's too), or None for an ID that is not
-    ours (another plugin's, a gone one)."""
+    or MIG device UUID behind an ID of ours (a replica's too), `claimed(driver, pool,
+    device)` the one behind a DRA device of ours (`dynamic_resources`, v1 since 1.34), or
+    None for one that is not ours (another plugin's or driver's, a gone one)."""
     out: dict[str, list[Holder]] = {}
     kept = 0
+    seen = 0
     for pod in answer.pod_resources:
         for container in pod.containers:
+            for dynamic in container.dynamic_resources:
+                for res in dynamic.claim_resources:
+                    seen += 1
+                    if seen > MAX_CLAIM_RESOURCES:
+                        log.warning("pod-resources: over %d claimed devices in one answer; "
+                                    "the rest are left out", MAX_CLAIM_RESOURCES)  # fmt: skip
+                        return _frozen(out)
+                    gpu = claimed(res.driver_name, res.pool_name, res.device_name)
+                    if gpu is None:
+                        continue
+                    if kept == MAX_HOLDERS:
+                        return _frozen(out)
+                    kept += 1
+                    out.setdefault(gpu, []).append(
+                        Holder(
+                            pod.namespace[:63], pod.name[:253], container.name[:63],
+                            f"dra:{res.driver_name[:253]}", res.device_name[:63],
+                            dynamic.claim_namespace[:63], dynamic.claim_name[:253],
+                        )
+                    )  # fmt: skip
             for devices in container.devices:
                 for device_id in devices.device_ids:
                     gpu = physical(devices.resource_name, device_id)
@@ -104,7 +134,7 @@ def _frozen(out: dict[str, list[Holder]]) -> dict[str, tuple[Holder, ...]]:
 
 
 def _key(h: Holder) -> tuple[str, ...]:
-    return (h.namespace, h.pod, h.container, h.device)
+    return (h.namespace, h.pod, h.container, h.device, h.claim_namespace, h.claim_name)
 
 
 async def list_once(socket: Path) -> ListPodResourcesResponse:
@@ -119,9 +149,15 @@ async def list_once(socket: Path) -> ListPodResourcesResponse:
 class Attribution:
     """The latest pod-resources answer, and the task that keeps it fresh."""
 
-    def __init__(self, socket: Path, physical: Callable[[str, str], str | None]) -> None:
+    def __init__(
+        self,
+        socket: Path,
+        physical: Callable[[str, str], str | None],
+        claimed: Callable[[str, str, str], str | None] = lambda *_: None,
+    ) -> None:
         self.socket = socket
         self.physical = physical
+        self.claimed = claimed
         self.holders: Holders = {}
         self.trouble = aio.Trouble(log)
         """Why holders are empty, while the socket cannot be read."""
@@ -146,7 +182,7 @@ class Attribution:
             return
         self.trouble.cleared("pod-resources: %s answers again; pods label the GPU metrics",
                              self.socket)  # fmt: skip
-        self.holders = holders(answer, self.physical)
+        self.holders = holders(answer, self.physical, self.claimed)
 
     @property
     def problem(self) -> str | None:

@@ -11,7 +11,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -82,6 +82,7 @@ class Status:
         self._holders: Callable[[], Mapping[str, str]] = dict
         self._readings: Callable[[], Mapping[str, Mapping[str, object]]] = dict
         self._on_allocate: Callable[[], None] = lambda: None
+        self._claims: Callable[[], Sequence[tuple[str, str, str]]] = list
         self._dra: str | None = None
         self._dra_registered = False
         self._dra_error = ""
@@ -225,11 +226,15 @@ class Status:
         self.changed()
 
     def attributing(
-        self, holders: Callable[[], Mapping[str, str]], on_allocate: Callable[[], None]
+        self,
+        holders: Callable[[], Mapping[str, str]],
+        on_allocate: Callable[[], None],
+        claims: Callable[[], Sequence[tuple[str, str, str]]] = list,
     ) -> None:
-        """Where `pod` of each device comes from (device ID -> `namespace/pod/container`), and
-        whom to tell when an Allocate is answered."""
-        self._holders, self._on_allocate = holders, on_allocate
+        """Where `pod` of each device comes from (device ID -> `namespace/pod/container`),
+        whom to tell when an Allocate is answered, and the DRA claims held by pods
+        ((claim, pod, DRA device) triples)."""
+        self._holders, self._on_allocate, self._claims = holders, on_allocate, claims
 
     def reading(self, latest: Callable[[], Mapping[str, Mapping[str, object]]]) -> None:
         """Where each GPU's latest counters come from (GPU UUID -> GpuMetrics fields)."""
@@ -310,6 +315,10 @@ class Status:
                 "error": self._dra_error or None,
             },
             "devices": [],
+            "claims": [
+                {"claim": claim, "pod": pod, "device": device}
+                for claim, pod, device in self._claims()
+            ],
             "config": {},
             "reloads": {
                 "count": len(self._reloads),

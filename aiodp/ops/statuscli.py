@@ -101,6 +101,10 @@ def table(doc: dict[str, Any]) -> str:
             f"{peers:<16} {_live(d.get('metrics') or {})} {d['reason'] or '-':<24} "
             f"{d['pod'] or '-'}"
         )
+    claims = doc.get("claims") or []
+    if claims:
+        lines += ["", f"{'CLAIM':<44} {'DEVICE':<16} POD"]
+        lines += [f"{c['claim']:<44} {c['device']:<16} {c['pod']}" for c in claims]
     changed = {k: v for k, v in doc.get("config", {}).items() if v["source"] != "default"}
     lines += ["", "SETTINGS NOT AT DEFAULT"]
     lines += [f"  {k} = {v['value']}  ({v['source']})" for k, v in sorted(changed.items())]

@@ -21,8 +21,10 @@ from grpclib.const import Status
 from aiodp.gen.podresources.v1 import (
     AllocatableResourcesRequest,
     AllocatableResourcesResponse,
+    ClaimResource,
     ContainerDevices,
     ContainerResources,
+    DynamicResource,
     ListPodResourcesRequest,
     ListPodResourcesResponse,
     PodResources,
@@ -35,6 +37,8 @@ class FakePodResources(PodResourcesListerBase):
         self.path = path
         self.pods: dict[tuple[str, str], dict[str, list[ContainerDevices]]] = {}
         """(namespace, pod) -> container -> devices"""
+        self.claims: dict[tuple[str, str], dict[str, list[DynamicResource]]] = {}
+        """(namespace, pod) -> container -> DRA claims (dynamic_resources)"""
         self.calls = 0
         self._called = asyncio.Condition()
         self.refuse: Status | None = None
@@ -63,9 +67,26 @@ class FakePodResources(PodResourcesListerBase):
             ContainerDevices(resource_name=resource, device_ids=list(ids))
         )
 
+    def claim(
+        self, namespace: str, pod: str, container: str, claim: str, driver: str, pool: str,
+        devices: Sequence[str],
+    ) -> None:  # fmt: skip
+        """A container of a pod holds these DRA devices through its claim `claim`."""
+        self.pods.setdefault((namespace, pod), {}).setdefault(container, [])
+        self.claims.setdefault((namespace, pod), {}).setdefault(container, []).append(
+            DynamicResource(
+                claim_name=claim, claim_namespace=namespace,
+                claim_resources=[
+                    ClaimResource(driver_name=driver, pool_name=pool, device_name=d)
+                    for d in devices
+                ],
+            )
+        )  # fmt: skip
+
     def release(self, namespace: str, pod: str) -> None:
         """The pod ended."""
         self.pods.pop((namespace, pod), None)
+        self.claims.pop((namespace, pod), None)
 
     async def answered(self) -> None:
         """Return once the reader took an answer built after this call: two more List calls
@@ -86,7 +107,11 @@ class FakePodResources(PodResourcesListerBase):
                     name=pod,
                     namespace=namespace,
                     containers=[
-                        ContainerResources(name=name, devices=list(devices))
+                        ContainerResources(
+                            name=name,
+                            devices=list(devices),
+                            dynamic_resources=self.claims.get((namespace, pod), {}).get(name, []),
+                        )
                         for name, devices in containers.items()
                     ],
                 )

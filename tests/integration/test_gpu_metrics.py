@@ -17,6 +17,9 @@ from aiodp.ops import podresources, statuscli
 from aiodp.standins.podresources import FakePodResources
 from aiodp.standins.testbed import http_get
 from tests.harness import h100_node, next_update, running, scrape, write_atomically
+from tests.integration.test_dra import NODE as DRA_NODE
+from tests.integration.test_dra import dra_options
+from tests.kubeapi import FakeApi
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +28,14 @@ def _uuid(i: int) -> str:
     return f"GPU-{i:08x}-aiod-4d3e-8f00-{0x5EED0000 + i:012x}"
 
 
-def gpu_labels(i: int, pod: str = "", namespace: str = "", container: str = "") -> str:
+def gpu_labels(
+    i: int, pod: str = "", namespace: str = "", container: str = "", claim: str = "",
+    claim_namespace: str = "",
+) -> str:  # fmt: skip
     """A GPU's labels as metrics.samples() spells them (sorted)."""
     return (
-        f'GPU_I_ID="",GPU_I_PROFILE="",UUID="{_uuid(i)}",container="{container}",gpu="{i}",'
+        f'GPU_I_ID="",GPU_I_PROFILE="",UUID="{_uuid(i)}",claim_name="{claim}",'
+        f'claim_namespace="{claim_namespace}",container="{container}",gpu="{i}",'
         f'modelName="NVIDIA H100 80GB HBM3",namespace="{namespace}",pod="{pod}"'
     )
 
@@ -235,7 +242,8 @@ async def test_gpu_metrics_per_mig_device_name_its_pod(short_dir: Path) -> None:
         await kubelet_pods.answered()
         got = await scrape(rp)
     model = 'modelName="NVIDIA H100 80GB HBM3"'
-    held = 'container="c",gpu="0",' + model + ',namespace="ml",pod="small"'
+    held = 'claim_name="",claim_namespace="",container="c",gpu="0",' + model
+    held += ',namespace="ml",pod="small"'
     mig = f'GPU_I_ID="7",GPU_I_PROFILE="1g.10gb",UUID="GPU-m",{held}'
     assert got[f"aiodp_gpu_memory_used_bytes{{{mig}}}"] == 1048576
     # the GPU itself: held through its MIG device
@@ -243,3 +251,41 @@ async def test_gpu_metrics_per_mig_device_name_its_pod(short_dir: Path) -> None:
     assert got[f"aiodp_gpu_power_watts{{{whole}}}"] == 200
     # MIG-b states nothing: no series of its own
     assert not any('GPU_I_PROFILE="3g.40gb"' in k for k in got)
+
+
+@pytest.mark.timeout(20)
+async def test_gpu_metrics_name_the_claim_of_a_dra_gpu(short_dir: Path) -> None:
+    """A GPU served through DRA: pod-resources' dynamic_resources name the pod and the claim
+    on its series, and /status and `aiodp status` show the claim with its pod."""
+    node = {i: {"power_watts": 100 + i} for i in range(8)}
+    async with (
+        FakeApi(DRA_NODE) as api,
+        FakePodResources(short_dir / "pod-resources" / "kubelet.sock") as kubelet_pods,
+        running(
+            short_dir,
+            node=h100_node(metrics=node),
+            metrics_address="127.0.0.1:0",
+            device_metrics_interval=0.05,
+            **dra_options(short_dir, api),
+        ) as rp,
+    ):
+        await rp.state.wait_for(lambda: rp.state.endpoint is not None)
+        kubelet_pods.claim("ml", "train", "main", "train-gpu", "gpu.aiodp.io", DRA_NODE, ["gpu-5"])
+        kubelet_pods.claim("ml", "x", "y", "other", "fpga.example.com", DRA_NODE, ["gpu-6"])
+        await kubelet_pods.answered()
+        got = await scrape(rp)
+        held = gpu_labels(5, pod="train", namespace="ml", container="main", claim="train-gpu",
+                          claim_namespace="ml")  # fmt: skip
+        assert got[f"aiodp_gpu_power_watts{{{held}}}"] == 105
+        assert got[f"aiodp_gpu_power_watts{{{gpu_labels(6)}}}"] == 106  # not our driver's
+        doc = json.loads(await http_get(rp.address, "/status"))
+        assert doc["claims"] == [
+            {"claim": "ml/train-gpu", "pod": "ml/train/main", "device": "gpu-5"}
+        ]
+        pods = {d["id"]: d["pod"] for d in doc["devices"]}
+        assert pods[_uuid(5)] == "ml/train/main"
+        table = statuscli.table(doc)
+        assert "ml/train-gpu" in table
+        assert table.splitlines()[table.splitlines().index(next(
+            r for r in table.splitlines() if r.startswith("CLAIM")
+        )) + 1].split() == ["ml/train-gpu", "gpu-5", "ml/train/main"]  # fmt: skip

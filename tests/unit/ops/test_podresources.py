@@ -11,8 +11,10 @@ import pytest
 from grpclib.const import Status
 
 from aiodp.gen.podresources.v1 import (
+    ClaimResource,
     ContainerDevices,
     ContainerResources,
+    DynamicResource,
     ListPodResourcesResponse,
     PodResources,
 )
@@ -130,3 +132,45 @@ async def test_fake_pod_resources_answers_a_grpcio_client(short_dir: Path) -> No
     assert [(d.resource_name, list(d.device_ids)) for d in container.devices] == [
         ("nvidia.com/gpu", ["GPU-a", "GPU-b::1"])
     ]
+
+
+def claims_answer(entries: int, *, ours: int = 1) -> ListPodResourcesResponse:
+    """One pod whose container holds `entries` claimed devices, the first `ours` of them in
+    our driver's pool."""
+    resources = [
+        ClaimResource(driver_name="gpu.aiodp.io" if i < ours else "fpga.example.com",
+                      pool_name="node-1", device_name=f"gpu-{i}")
+        for i in range(entries)
+    ]  # fmt: skip
+    dynamic = DynamicResource(
+        claim_name="train-gpu", claim_namespace="ml", claim_resources=resources
+    )
+    return ListPodResourcesResponse(
+        pod_resources=[
+            PodResources(name="train", namespace="ml", containers=[
+                ContainerResources(name="main", dynamic_resources=[dynamic])
+            ])
+        ]
+    )  # fmt: skip
+
+
+def claimed(driver: str, pool: str, name: str) -> str | None:
+    return f"GPU-{name}" if (driver, pool) == ("gpu.aiodp.io", "node-1") else None
+
+
+def test_holders_of_dra_claims_name_the_claim() -> None:
+    got = podresources.holders(claims_answer(2, ours=1), physical, claimed)
+    assert got == {
+        "GPU-gpu-0": (
+            Holder("ml", "train", "main", "dra:gpu.aiodp.io", "gpu-0", "ml", "train-gpu"),
+        ),
+    }
+
+
+def test_holders_of_10000_claimed_devices_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile peer's 10,000 dynamic_resources entries: a bounded walk, bounded holders."""
+    got = podresources.holders(claims_answer(20_000, ours=10_000), physical, claimed)
+    assert sum(len(h) for h in got.values()) == podresources.MAX_HOLDERS
+    many = podresources.holders(claims_answer(20_000, ours=0), physical, claimed)
+    assert many == {}
+    assert f"over {podresources.MAX_CLAIM_RESOURCES} claimed devices" in caplog.text
