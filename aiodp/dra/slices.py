@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiodp.gpus import sharing
-from aiodp.gpus.backend import DeviceInfo, sysfs_bdf
+from aiodp.gpus.backend import DeviceInfo, MigInfo, sysfs_bdf
 from aiodp.gpus.devices import Device, Health, Kind
 from aiodp.gpus.topology import Topology
 
@@ -107,12 +107,35 @@ def _mig_profile(dev: Device, gpu: DeviceInfo) -> str:
     return next((m.profile for m in gpu.mig_devices if m.uuid == dev.uuid), "")
 
 
+def _mig_info(dev: Device, gpu: DeviceInfo | None) -> MigInfo | None:
+    if dev.kind is not Kind.MIG or gpu is None:
+        return None
+    return next((m for m in gpu.mig_devices if m.uuid == dev.uuid), None)
+
+
 def _memory_mib(dev: Device, gpu: DeviceInfo | None) -> int:
-    """A GPU's memory as the plan carries it; a MIG device's from its profile."""
+    """A GPU's memory as the plan carries it; a MIG device's from NVML, else its profile."""
     if dev.memory_mib or dev.kind is not Kind.MIG or gpu is None:
         return dev.memory_mib
+    info = _mig_info(dev, gpu)
+    if info is not None and info.memory_mb:
+        return info.memory_mb  # NVML's memorySizeMB is MiB
     m = re.search(r"(\d+)gb", _mig_profile(dev, gpu))
     return int(m.group(1)) * 1024 if m else 0
+
+
+MIG_ENGINES: Final = ("copyEngines", "decoders", "encoders", "jpegEngines", "ofaEngines")
+"""NVIDIA's DRA capacity names of a MIG device's shared engines, in MigInfo.engines' order."""
+
+
+def _mig_capacities(dev: Device, gpu: DeviceInfo | None) -> dict[str, Any]:
+    """A MIG device's SMs and engines, as NVIDIA's driver publishes them; none if unknown."""
+    info = _mig_info(dev, gpu)
+    if info is None or not info.multiprocessors:
+        return {}
+    out = {"multiprocessors": {"value": str(info.multiprocessors)}}
+    out |= {name: {"value": str(n)} for name, n in zip(MIG_ENGINES, info.engines, strict=True)}
+    return out
 
 
 def to_slice_device(
@@ -124,8 +147,11 @@ def to_slice_device(
         "attributes": _attributes(dev, gpu, island),
     }
     memory = _memory_mib(dev, gpu)
+    capacity = _mig_capacities(dev, gpu)
     if memory:
-        out["capacity"] = {"memory": {"value": f"{memory}Mi"}}
+        capacity["memory"] = {"value": f"{memory}Mi"}
+    if capacity:
+        out["capacity"] = capacity
     assert len(out["attributes"]) + len(out.get("capacity", {})) <= MAX_ATTRIBUTES
     if taints and dev.health is Health.UNHEALTHY:
         out["taints"] = [

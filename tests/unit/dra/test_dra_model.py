@@ -293,3 +293,22 @@ def test_a_mig_device_is_published_with_its_parent_profile_and_memory() -> None:
     assert dev["attributes"]["parentUUID"] == {"string": "GPU-0"}
     assert dev["attributes"]["profile"] == {"string": "1g.10gb"}
     assert dev["capacity"] == {"memory": {"value": "10240Mi"}}
+
+
+def test_a_mig_device_carries_nvidias_capacities() -> None:
+    info = MigInfo("MIG-a", "2g.20gb", 3, 0, 0, memory_mb=19968, multiprocessors=28,
+                   gi_slices=2, ci_slices=2, engines=(2, 2, 0, 1, 0))  # fmt: skip
+    mig = gpu(0, mig_enabled=True, mig_devices=(info,))
+    plan = sharing.plan([mig], conf(dra_devices="all", mig_strategy="mixed"))
+    (dev,) = slices.pool(
+        "node", DRIVER, plan.dra_devices(), {"GPU-0": mig}, topology.Topology()
+    ).devices
+    assert dev["capacity"] == {
+        "multiprocessors": {"value": "28"},
+        "copyEngines": {"value": "2"},
+        "decoders": {"value": "2"},
+        "encoders": {"value": "0"},
+        "jpegEngines": {"value": "1"},
+        "ofaEngines": {"value": "0"},
+        "memory": {"value": "19968Mi"},  # NVML's MIG memory, not the profile's 20 GiB
+    }
