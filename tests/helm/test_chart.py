@@ -510,3 +510,28 @@ def test_chart_an_mps_config_mounts_the_mps_root_with_host_pid() -> None:
     assert container(objects)["securityContext"]["capabilities"]["add"] == ["SYS_ADMIN"]
     assert "hostPID" not in pod(render({"mps": {"enableHostPID": True}}))  # no MPS config
     assert "runs and supervises one nvidia-cuda-mps-control daemon" in notes({})
+
+
+def test_chart_dra_compat_nvidia_serves_nvidias_classes_and_driver_name() -> None:
+    objects = render({"dra": {"enabled": True, "devices": "all", "compat": "nvidia"}})
+    assert env(objects)["AIODP_DRA_DRIVER_NAME"] == "gpu.nvidia.com"
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["dra-plugin"]["mountPath"] == "/var/lib/kubelet/plugins/gpu.nvidia.com"
+    classes = {c["metadata"]["name"]: c["spec"] for c in kind(objects, "DeviceClass")}
+    assert sorted(classes) == ["gpu.nvidia.com", "mig.nvidia.com"]
+    assert classes["gpu.nvidia.com"]["extendedResourceName"] == "nvidia.com/gpu"  # all on DRA
+    assert "type == 'mig'" in classes["mig.nvidia.com"]["selectors"][0]["cel"]["expression"]
+    text = notes({"dra": {"enabled": True, "compat": "nvidia"}})
+    assert "Never run NVIDIA's DRA driver on the" in text
+    for obj in objects:
+        if obj["kind"] not in CRDS:
+            kubernetes_validate.validate(obj, "1.37.0", strict=True)
+
+
+def test_chart_dra_all_gpus_back_nvidia_com_gpu_through_the_class() -> None:
+    """KEP-5004: with every GPU on DRA the class carries extendedResourceName (and the device
+    plugin registers no nvidia.com/gpu); with some, it does not."""
+    (cls,) = kind(render({"dra": {"enabled": True, "devices": "all"}}), "DeviceClass")
+    assert cls["spec"]["extendedResourceName"] == "nvidia.com/gpu"
+    (some,) = kind(render({"dra": {"enabled": True, "devices": [4]}}), "DeviceClass")
+    assert "extendedResourceName" not in some["spec"]

@@ -80,3 +80,8 @@ stays the only default. Renders container env list items indented for daemonset.
               value: {{ join "," $value | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The DRA driver name: NVIDIA's with dra.compat=nvidia (claims written for its driver). */}}
+{{- define "aiodp.draDriver" -}}
+{{- if eq (toString .Values.dra.compat) "nvidia" -}}gpu.nvidia.com{{- else -}}{{ .Values.dra.driverName }}{{- end -}}
+{{- end -}}
