@@ -28,6 +28,9 @@ __all__ = [
     "sysfs_bdf",
 ]
 
+LOST: Final = "GPU is lost"
+"""The reason of a GPU gone from the bus (NVML answers GPU_IS_LOST or NOT_FOUND for it)."""
+
 CONTROL_PATHS: Final = (
     "/dev/nvidiactl",
     "/dev/nvidia-uvm",

@@ -12,7 +12,7 @@ the publisher never touches any other.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Final
 
 from aiodp.config.configfile import SharedResource, Sharing
@@ -59,10 +59,17 @@ def family(major: int, minor: int) -> str:
 
 
 def labels(
-    gpus: Sequence[DeviceInfo], config: Config, *, machine: str, timestamp: int | None
+    gpus: Sequence[DeviceInfo],
+    config: Config,
+    *,
+    machine: str,
+    timestamp: int | None,
+    lost: Collection[str] = (),
 ) -> dict[str, str]:
-    """GFD's labels for these GPUs under `config`; `timestamp` None leaves it out (GFD's
+    """GFD's labels for these GPUs under `config`, those in `lost` (gone from the bus: NVML
+    no longer enumerates them for GFD) left out; `timestamp` None leaves it out (GFD's
     `--no-timestamp`). No GPUs: no labels."""
+    gpus = [g for g in gpus if g.uuid not in lost]
     if not gpus:
         return {}
     out: dict[str, str] = {}

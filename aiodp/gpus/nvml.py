@@ -28,6 +28,7 @@ import pynvml
 
 from aiodp.gpus import nvmlcounters, topology
 from aiodp.gpus.backend import (
+    LOST,
     DeviceInfo,
     GpuMetrics,
     HealthEvent,
@@ -455,7 +456,7 @@ class NvmlBackend:
                 metrics.observe_nvml_error("probe")
                 if e.value in NVML_GONE:
                     return {u: self._nvml_failed(e) for u in ids}
-                reason = "GPU is lost" if e.value in GPU_GONE else f"NVML error: {e}"
+                reason = LOST if e.value in GPU_GONE else f"NVML error: {e}"
                 out[uuid] = Probe(Health.UNHEALTHY, reason)
         return out
 

@@ -24,6 +24,8 @@ from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
 from aiodp.gpus import labels
+from aiodp.gpus.backend import LOST
+from aiodp.gpus.devices import DeviceRegistry, Health
 from aiodp.gpus.live import Holder
 from aiodp.kit import aio
 from aiodp.kit.errors import cut_text
@@ -150,33 +152,57 @@ class NodeLabels:
         return True
 
 
+def _lost(registry: DeviceRegistry) -> frozenset[str]:
+    return frozenset(
+        d.gpu for d in registry.inventory().devices
+        if d.health is Health.UNHEALTHY and d.reason.startswith(LOST)
+    )  # fmt: skip
+
+
 async def run(
     publisher: NodeLabels,
     holder: Holder,
+    registry: DeviceRegistry,
     *,
     read: Callable[[Path], Awaitable[str]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> NoReturn:
-    """Follow the live plan: labels computed at every change (reload, MIG strategy, sharing,
-    rediscovery, a GPU gone) and written when they differ; a failed write is tried again
-    after RETRY seconds, or at the next change."""
+    """Follow the live plan and the GPUs lost from the bus: labels computed at every change
+    (reload, MIG strategy, sharing, rediscovery, a GPU lost or back) and written when they
+    differ from the last written; a failed write is tried again after RETRY seconds."""
     reader = read or (lambda p: asyncio.to_thread(read_machine, p))
-    live = holder.current()
+    written: Mapping[str, str] | None = None
+    seen: tuple[int, frozenset[str]] | None = None
     while True:
-        config = live.config
-        machine = await reader(config.machine_type_file)
-        stamp = None if config.no_timestamp else int(clock())
-        wanted = labels.labels(live.gpus, config, machine=machine, timestamp=stamp)
-        try:
-            await publisher.publish(wanted)
-        except Exception as e:  # no access, RBAC, the server down: one line, tried again
-            why = cut_text(f"{type(e).__name__}: {e}", 200)
-            publisher.trouble.failing(why, logging.WARNING,
-                                      "node labels: cannot write node %s's labels (%s)",
-                                      publisher.node, why)  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RETRY):
-                    live = await holder.next_after(live.version)
-            continue
-        publisher.trouble.cleared("node labels: written again")
-        live = await holder.next_after(live.version)
+        live, inventory, lost = holder.current(), registry.inventory().version, _lost(registry)
+        if (live.version, lost) != seen or written is None:
+            config = live.config
+            machine = await reader(config.machine_type_file)
+            stamp = None if config.no_timestamp else int(clock())
+            wanted = labels.labels(live.gpus, config, machine=machine, timestamp=stamp,
+                                   lost=lost)  # fmt: skip
+            if written is None or not _same(wanted, written):
+                try:
+                    await publisher.publish(wanted)
+                except Exception as e:  # no access, RBAC, the server down: one line, again
+                    why = cut_text(f"{type(e).__name__}: {e}", 200)
+                    publisher.trouble.failing(why, logging.WARNING,
+                                              "node labels: cannot write node %s's labels (%s)",
+                                              publisher.node, why)  # fmt: skip
+                    written, seen = None, None
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RETRY):
+                            await holder.next_after(live.version)
+                    continue
+                publisher.trouble.cleared("node labels: written again")
+                written = wanted
+            seen = (live.version, lost)
+        await aio.first_of({
+            "plan": holder.next_after(live.version),
+            "health": _changed_since(registry, inventory),
+        })  # fmt: skip
+
+
+async def _changed_since(registry: DeviceRegistry, version: int) -> None:
+    while registry.inventory().version == version:
+        await registry.changed()

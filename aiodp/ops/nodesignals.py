@@ -28,6 +28,7 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Event, Node
 from lightkube.types import PatchType
 
+from aiodp.gpus.backend import LOST
 from aiodp.gpus.devices import DeviceRegistry, Health, Inventory
 from aiodp.kit import aio
 from aiodp.kit.errors import cut_text
@@ -53,7 +54,7 @@ class Fault:
 
     @property
     def kind(self) -> str:
-        return "GPULost" if self.reason.startswith("GPU is lost") else "XidCriticalError"
+        return "GPULost" if self.reason.startswith(LOST) else "XidCriticalError"
 
 
 def critical(inventory: Inventory) -> tuple[Fault, ...]:
@@ -62,7 +63,7 @@ def critical(inventory: Inventory) -> tuple[Fault, ...]:
     for d in inventory.devices:
         if d.health is not Health.UNHEALTHY or d.gpu in out:
             continue
-        if d.reason.startswith(("XID ", "GPU is lost")):
+        if d.reason.startswith(("XID ", LOST)):
             out[d.gpu] = Fault(d.gpu, d.index.split(":")[0], cut_text(d.reason, 120))
     return tuple(sorted(out.values(), key=lambda f: f.gpu))
 

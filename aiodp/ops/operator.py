@@ -55,7 +55,7 @@ def tasks(
     if config.node_signals and config.node_name:
         out.append(("node-signals", _node_signals(config, api, registry, status)))
     if config.gfd and config.node_name:
-        out.append(("node-labels", _node_labels(config, api, holder, status)))
+        out.append(("node-labels", _node_labels(config, api, holder, registry, status)))
     return out
 
 
@@ -181,7 +181,11 @@ async def _api_after_ready(
 
 
 async def _node_labels(
-    config: Config, api: AsyncClient | None, holder: Holder, status: Status
+    config: Config,
+    api: AsyncClient | None,
+    holder: Holder,
+    registry: DeviceRegistry,
+    status: Status,
 ) -> NoReturn:
     """GPU Feature Discovery's labels, following the live plan. Without API access: one
     line, and nothing more to do."""
@@ -196,7 +200,7 @@ async def _node_labels(
             api, config.node_name, config.namespace, timeout=config.api_timeout,
             features=config.use_node_feature_api,
         )  # fmt: skip
-        await nodelabels.run(publisher, holder)
+        await nodelabels.run(publisher, holder, registry)
     finally:
         if own:
             await api.close()

@@ -127,3 +127,26 @@ async def test_node_labels_without_api_access_are_one_line(
             await api.wait_requests(lambda r: r.startswith("PATCH /api/v1/nodes/"))
         lines = [r for r in caplog.records if "cannot write node" in r.getMessage()]
         assert len(lines) == 1
+
+
+@pytest.mark.timeout(30)
+async def test_node_labels_a_lost_gpu_drops_the_count(short_dir: Path) -> None:
+    """A GPU gone from the bus (its health 'GPU is lost') leaves the count, as GFD no longer
+    sees it; back, it counts again. A health change that is not a loss writes nothing."""
+    async with (
+        FakeApi(NODE, labels=THEIRS) as api,
+        running(short_dir, **options(api, short_dir)) as rp,
+    ):
+        await api.wait_label_writes(1)
+        await edit(rp, api, h100_node({7: "GPU is lost"}))
+        assert ours(api)["nvidia.com/gpu.count"] == "7"
+        await edit(rp, api, h100_node())
+        assert ours(api)["nvidia.com/gpu.count"] == "8"
+        writes = api.label_writes
+        write_atomically(rp.devices_file, h100_node({3: "XID 79 (simulated)"}))
+        await rp.state.wait_for(
+            lambda: any(d["health"] == "Unhealthy" for d in rp.state.snapshot()["devices"])
+        )
+        await edit(rp, api, h100_node({6: "GPU is lost"}))  # the next write is the loss's
+        assert api.label_writes == writes + 1
+        assert ours(api)["nvidia.com/gpu.count"] == "7"
