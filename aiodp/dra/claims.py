@@ -9,6 +9,7 @@ the batch's. The CDI spec carries the same edits `Allocate` gives a device-plugi
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -76,9 +77,63 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
-def check_config(configs: Sequence[Any], driver: str, requests: set[str]) -> None:
+INTERVALS: Final = ("Default", "Short", "Medium", "Long")
+"""NVIDIA's GpuConfig time-slice intervals."""
+_QUANTITY: Final = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?$")
+_UNITS: Final = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+                 "Pi": 1 << 50, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "P": 10**15}  # fmt: skip
+
+
+def _bytes(where: str, value: object) -> int:
+    """A Kubernetes quantity (`10Gi`, `512M`, a number of bytes) in bytes; ClaimError naming
+    `where` when it is not one."""
+    m = _QUANTITY.match(str(value).strip()) if isinstance(value, str | int) else None
+    if m is None or isinstance(value, bool):
+        raise ClaimError(f"{where}: must be a quantity such as 10Gi, got {cut(value)}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _check_mps(where: str, mps: object, memory_mib: int) -> None:
+    """NVIDIA's mpsConfig limits: a thread percentage of 1 to 100, pinned memory within the
+    GPU's; each wrong one is this claim's error naming the field."""
+    if mps is None:
+        return
+    if not isinstance(mps, Mapping):
+        raise ClaimError(f"{where}: must be an object, got {cut(mps)}")
+    threads = mps.get("defaultActiveThreadPercentage")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 100
+    ):
+        raise ClaimError(
+            f"{where}.defaultActiveThreadPercentage: must be an integer from 1 to 100, "
+            f"got {cut(threads)}"
+        )
+    limits: list[tuple[str, object]] = []
+    if mps.get("defaultPinnedDeviceMemoryLimit") is not None:
+        limits.append(("defaultPinnedDeviceMemoryLimit", mps["defaultPinnedDeviceMemoryLimit"]))
+    per_device = mps.get("defaultPerDevicePinnedMemoryLimit") or {}
+    if not isinstance(per_device, Mapping):
+        raise ClaimError(
+            f"{where}.defaultPerDevicePinnedMemoryLimit: must map devices to quantities, "
+            f"got {cut(per_device)}"
+        )
+    limits += [(f"defaultPerDevicePinnedMemoryLimit[{cut(k)}]", v)
+               for k, v in list(per_device.items())[:64]]  # fmt: skip
+    for field, value in limits:
+        mib = _bytes(f"{where}.{field}", value) >> 20
+        if memory_mib and mib > memory_mib:
+            raise ClaimError(
+                f"{where}.{field}: {mib} MiB is more than the GPU's memory ({memory_mib} MiB)"
+            )
+
+
+def check_config(
+    configs: Sequence[Any], driver: str, requests: set[str], memory_mib: int = 0
+) -> None:
     """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing at the
-    Default interval (what a GPU does anyway) or no sharing; raises ClaimError otherwise."""
+    Default interval (what a GPU does anyway) or no sharing; MPS limits are checked (within
+    100 % and the GPU's `memory_mib`) before MPS itself is refused; ClaimError otherwise."""
     for i, entry in enumerate(configs[:32]):
         opaque = _get(entry, "opaque")
         if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
@@ -103,12 +158,18 @@ def check_config(configs: Sequence[Any], driver: str, requests: set[str]) -> Non
         kind = sharing.get("strategy")
         if kind == "TimeSlicing":
             interval = _get(sharing, "timeSlicingConfig", "interval") or "Default"
+            if interval not in INTERVALS:
+                raise ClaimError(
+                    f"{where}.sharing.timeSlicingConfig.interval: must be one of "
+                    f"{', '.join(INTERVALS)}, got {cut(interval)}"
+                )
             if interval != "Default":
                 raise ClaimError(
                     f"{where}.sharing.timeSlicingConfig.interval: aiodp does not change a "
                     f"GPU's time slice, so only Default is accepted, got {cut(interval)}"
                 )
         elif kind == "MPS":
+            _check_mps(f"{where}.sharing.mpsConfig", sharing.get("mpsConfig"), memory_mib)
             raise ClaimError(
                 f"{where}.sharing.strategy: MPS is not supported for DRA claims by aiodp "
                 "(it runs no MPS control daemon); use TimeSlicing"
@@ -168,7 +229,8 @@ def prepare(
         raise ClaimError(f"device(s) unhealthy since allocation: {brief(sick)}")
     configs = _get(claim, "status", "allocation", "devices", "config") or []
     requests = {req for _, reqs in chosen.values() for req in reqs}
-    check_config(configs if isinstance(configs, list) else [], driver, requests)
+    memory = min((d.memory_mib for d, _ in chosen.values() if d.memory_mib), default=0)
+    check_config(configs if isinstance(configs, list) else [], driver, requests, memory)
     kind = cdi_kind(driver)
     prepared = tuple(
         PreparedDevice(
