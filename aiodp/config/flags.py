@@ -74,6 +74,7 @@ def parser(command: str | None = None, *, add_help: bool = True) -> _Parser:
     add("--mps-root", help="host directory of the MPS daemon's pipes (MPS_ROOT)")
     add("--mps-control", help="the MPS control binary (AIODP_MPS_CONTROL) "
         "[nvidia-cuda-mps-control]")  # fmt: skip
+    add("--nvidia-smi", help="nvidia-smi, for DRA time slices (AIODP_NVIDIA_SMI) [nvidia-smi]")
     add("--mps-mount-shm", nargs="?", const="true",
         help="mount a tmpfs at <mpsRoot>/shm (AIODP_MPS_MOUNT_SHM) [true]")  # fmt: skip
     add(
@@ -227,6 +228,7 @@ ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "mps_root": "MPS_ROOT",
     "mps_control": "AIODP_MPS_CONTROL",
     "mps_mount_shm": "AIODP_MPS_MOUNT_SHM",
+    "nvidia_smi": "AIODP_NVIDIA_SMI",
     "kubelet_socket": "KUBELET_SOCKET",
     "backend": "AIODP_BACKEND",
     "simulated_devices": "AIODP_SIMULATED_DEVICES",

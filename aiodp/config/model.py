@@ -113,6 +113,9 @@ class Config:
     """Preferred allocation of replicas and MIG devices: spread over GPUs, or pack them."""
     mps_root: Path | None = None
     """Host directory of the MPS control daemon's pipes and shm (needed with sharing.mps)."""
+    nvidia_smi: str = "nvidia-smi"
+    """nvidia-smi (on PATH, or a path): a DRA claim's TimeSlicing interval is set with it, as
+    NVIDIA's DRA driver does."""
     mps_mount_shm: bool = True
     """Mount a tmpfs at `<mpsRoot>/shm` for the MPS clients' /dev/shm (NVIDIA's daemon does);
     false where the host provides it. Needs CAP_SYS_ADMIN."""

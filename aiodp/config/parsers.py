@@ -223,6 +223,7 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "mps_root": _host_root,
     "mps_control": _nonempty,
     "mps_mount_shm": parse_bool,
+    "nvidia_smi": _nonempty,
     "kubelet_socket": _path,
     "backend": _choice(("auto", "nvml", "simulated")),
     "simulated_devices": _path,

@@ -55,6 +55,9 @@ class Prepared:
     devices: tuple[PreparedDevice, ...]
     spec: Mapping[str, Any]
     """The claim's CDI spec (written to `<cdi dir>/<spec_name>`)."""
+    time_slices: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """GPU UUID -> the time slice its config asks (NVIDIA's 1 Short, 2 Medium, 3 Long);
+    GPUs at Default are not listed."""
 
     @property
     def spec_name(self) -> str:
@@ -130,10 +133,13 @@ def _check_mps(where: str, mps: object, memory_mib: int) -> None:
 
 def check_config(
     configs: Sequence[Any], driver: str, requests: set[str], memory_mib: int = 0
-) -> None:
-    """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing at the
-    Default interval (what a GPU does anyway) or no sharing; MPS limits are checked (within
-    100 % and the GPU's `memory_mib`) before MPS itself is refused; ClaimError otherwise."""
+) -> dict[str, int]:
+    """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing (its
+    interval, by request: `{}` for all requests) or no sharing; MPS limits are checked
+    (within 100 % and the GPU's `memory_mib`) before MPS itself is refused; ClaimError
+    otherwise. Returns request -> time slice (1-3) for the intervals other than Default, `*`
+    for a config naming no request."""
+    slices: dict[str, int] = {}
     for i, entry in enumerate(configs[:32]):
         opaque = _get(entry, "opaque")
         if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
@@ -164,10 +170,8 @@ def check_config(
                     f"{', '.join(INTERVALS)}, got {cut(interval)}"
                 )
             if interval != "Default":
-                raise ClaimError(
-                    f"{where}.sharing.timeSlicingConfig.interval: aiodp does not change a "
-                    f"GPU's time slice, so only Default is accepted, got {cut(interval)}"
-                )
+                for req in map(str, applies or ["*"]):
+                    slices[req] = INTERVALS.index(interval)
         elif kind == "MPS":
             _check_mps(f"{where}.sharing.mpsConfig", sharing.get("mpsConfig"), memory_mib)
             raise ClaimError(
@@ -176,6 +180,7 @@ def check_config(
             )
         else:
             raise ClaimError(f"{where}.sharing.strategy: must be TimeSlicing, got {cut(kind)}")
+    return slices
 
 
 def prepare(
@@ -230,7 +235,12 @@ def prepare(
     configs = _get(claim, "status", "allocation", "devices", "config") or []
     requests = {req for _, reqs in chosen.values() for req in reqs}
     memory = min((d.memory_mib for d, _ in chosen.values() if d.memory_mib), default=0)
-    check_config(configs if isinstance(configs, list) else [], driver, requests, memory)
+    asked = check_config(configs if isinstance(configs, list) else [], driver, requests, memory)
+    time_slices = {
+        str(dev.uuid): max(asked.get(r, asked.get("*", 0)) for r in reqs or [""])
+        for dev, reqs in chosen.values()
+        if any(r in asked for r in reqs) or "*" in asked
+    }
     kind = cdi_kind(driver)
     prepared = tuple(
         PreparedDevice(
@@ -246,7 +256,7 @@ def prepare(
         ref, [(name, dev) for name, (dev, _) in chosen.items()], inventory, config,
         control_paths, imex_channels, driver,
     )  # fmt: skip
-    return Prepared(ref, prepared, spec)
+    return Prepared(ref, prepared, spec, time_slices)
 
 
 def cdi_spec(

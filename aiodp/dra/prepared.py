@@ -31,6 +31,8 @@ MAX_CHECKPOINT_BYTES: Final = 4 << 20
 MAX_PREPARED: Final = 4096
 """Claims prepared at once on this node (a node has a few dozen DRA devices): the checkpoint
 and the CDI directory stay bounded."""
+HELPER_TIMEOUT: Final = 10.0
+"""Seconds one nvidia-smi call may take (it answers in well under one)."""
 CALL_BUDGET: Final = 40.0
 """Seconds one prepare call may take in all, under the kubelet's 45 s deadline: claims not
 reached by then get an error of their own instead of the whole call timing out."""
@@ -159,6 +161,12 @@ class ClaimPreparer:
         except (claims.ClaimError, LookupError) as e:
             log.warning("claim %s not prepared: %s", ref, e)
             return str(e)
+        if result.time_slices:  # before anything is written: a failure leaves nothing
+            failed = await self._set_time_slices(result.time_slices)
+            if failed:
+                await self._set_time_slices(dict.fromkeys(result.time_slices, 0))
+                log.warning("claim %s not prepared: %s", ref, failed)
+                return failed
         spec_path = self.config.dra_cdi_dir / result.spec_name
         record = {
             "namespace": ref.namespace,
@@ -174,6 +182,7 @@ class ClaimPreparer:
                 }
                 for d in result.devices
             ],
+            "time_slices": dict(result.time_slices),
         }
         try:
             await asyncio.to_thread(write_atomically, spec_path, json.dumps(result.spec, indent=1))
@@ -185,6 +194,20 @@ class ClaimPreparer:
         self.prepared[ref.uid] = record
         log.info("prepared claim %s: %s", ref, ", ".join(d.device for d in result.devices))
         return result
+
+    async def _set_time_slices(self, wanted: Mapping[str, int]) -> str:
+        """`nvidia-smi compute-policy -i <uuid> --set-timeslice <n>` per GPU, as NVIDIA's
+        driver sets it; "" when done, else why (one line)."""
+        for uuid, value in sorted(wanted.items()):
+            why = await _run(
+                [self.config.nvidia_smi, "compute-policy", "-i", uuid, "--set-timeslice",
+                 str(value)]
+            )  # fmt: skip
+            if why:
+                return f"cannot set the time slice of {uuid} to {value}: {why}"
+        if wanted:
+            log.info("time slice %s", ", ".join(f"{u}={v}" for u, v in sorted(wanted.items())))
+        return ""
 
     async def unprepare(self, refs: Sequence[claims.ClaimRef]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -198,6 +221,12 @@ class ClaimPreparer:
         if record is None:
             return ""  # never prepared here, or already unprepared: done
         rest = {k: v for k, v in self.prepared.items() if k != ref.uid}
+        slices_set = record.get("time_slices") or {}
+        if slices_set:  # back to Default, as NVIDIA's driver puts them back
+            failed = await self._set_time_slices(dict.fromkeys(map(str, slices_set), 0))
+            if failed:
+                log.error("claim %s not unprepared: %s", ref, failed)
+                return failed
         try:
             await asyncio.to_thread(_remove, Path(str(record.get("spec", ""))))
             await asyncio.to_thread(self._save, rest)
@@ -208,6 +237,29 @@ class ClaimPreparer:
         self.prepared = rest
         log.info("unprepared claim %s", ref)
         return ""
+
+
+async def _run(argv: Sequence[str]) -> str:
+    """Run a helper binary, bounded in time; "" on success, else why in one line."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    except OSError as e:
+        return f"cannot run {cut_text(argv[0])}: {e.strerror or e}"
+    try:
+        async with asyncio.timeout(HELPER_TIMEOUT):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return f"{cut_text(argv[0])} gave no answer within {HELPER_TIMEOUT:.0f} s"
+    if proc.returncode != 0:
+        text = out[:4096].decode("utf-8", "replace").strip()
+        return f"{cut_text(argv[0])} exit code {proc.returncode}: {cut_text(text, 160)}"
+    return ""
 
 
 def _remove(path: Path) -> None:

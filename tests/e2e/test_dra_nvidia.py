@@ -16,6 +16,7 @@ from tests.e2e.peer import DraKubelet, dra_versions
 from tests.e2e.test_dra import NODE, create, devices, schedulable_node, slices_until, until
 from tests.harness import running
 from tests.helm.test_chart import kind, render
+from tests.integration.test_dra import fake_smi, smi_calls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -118,17 +119,21 @@ async def test_e2e_nvidias_example_claims_allocated_from_our_slices(short_dir: P
             short_dir, node=node_file(), node_name=NODE, kubeconfig=kubeconfig, dra=True,
             dra_devices="all", dra_driver_name=DRIVER, mig_strategy="mixed",
             dra_registry_dir=registry, dra_plugins_dir=short_dir / "plugins",
-            dra_cdi_dir=short_dir / "cdi",
+            dra_cdi_dir=short_dir / "cdi", nvidia_smi=str(fake_smi(short_dir)),
         ):  # fmt: skip
             await kubelet.call("wait_registered", driver=DRIVER, timeout=30)
             await slices_until(api, lambda s: len(devices(s)) == 12)  # 8 GPUs, 4 MIG devices
+            uids: dict[str, str] = {}
             for name, (spec, _) in EXAMPLES.items():
                 await create(api, "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims", {
                     "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
                     "metadata": {"name": name, "namespace": "default"},
                     "spec": {"devices": spec},
                 })  # fmt: skip
-                await create(api, "/api/v1/namespaces/default/pods", pod(f"pod-{name}", name))
+                made = await create(
+                    api, "/api/v1/namespaces/default/pods", pod(f"pod-{name}", name)
+                )
+                uids[name] = made["metadata"]["uid"]
             used: set[str] = set()
             for name, (_, count) in EXAMPLES.items():
                 claim = await until(
@@ -148,6 +153,19 @@ async def test_e2e_nvidias_example_claims_allocated_from_our_slices(short_dir: P
             report(
                 f"DRA e2e (compat nvidia): NVIDIA's example claims {', '.join(EXAMPLES)} "
                 f"allocated by the kube-scheduler from our slices ({len(used)} devices)"
+            )
+
+            # gpu-test6's claim (TimeSlicing Long) prepared and unprepared through the kubelet
+            await kubelet.call("prepare", pod="pod-test6", uid=uids["test6"], claim="test6")
+            calls = smi_calls(short_dir)
+            assert len(calls) == 1
+            assert calls[0].startswith("compute-policy -i GPU-a100-")
+            assert calls[0].endswith("--set-timeslice 3")
+            await kubelet.call("unprepare", pod="pod-test6", uid=uids["test6"], claim="test6")
+            assert smi_calls(short_dir)[-1].endswith("--set-timeslice 0")
+            report(
+                "DRA e2e (compat nvidia): gpu-test6's TimeSlicing Long claim prepared "
+                "(time slice 3) and unprepared (back to 0) by the v1.37.2 DRA manager"
             )
 
             # KEP-5004: a pod asking nvidia.com/gpu, and no claim, is served through DRA

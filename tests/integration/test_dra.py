@@ -459,3 +459,58 @@ async def test_dra_socket_that_cannot_be_made_is_one_line_and_exit_1(
     assert str(short_dir / "plugins") in caplog.text
     assert "Traceback" not in caplog.text
     assert "fatal" not in caplog.text
+
+
+FAKE_SMI = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/nvidia-smi.log"
+[ -f "$(dirname "$0")/fail" ] && { echo "Insufficient Permissions"; exit 4; }
+exit 0
+"""
+
+
+def fake_smi(directory: Path) -> Path:
+    path = directory / "nvidia-smi"
+    path.write_text(FAKE_SMI)
+    path.chmod(0o755)
+    return path
+
+
+def smi_calls(directory: Path) -> list[str]:
+    log = directory / "nvidia-smi.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def long_slice(requests: list[str] | None = None) -> list[dict[str, Any]]:
+    entry: dict[str, Any] = {"opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+        "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+    }}}  # fmt: skip
+    if requests:
+        entry["requests"] = requests
+    return [entry]
+
+
+async def test_dra_a_time_slice_claim_is_set_and_put_back(short_dir: Path) -> None:
+    """NVIDIA's GpuConfig TimeSlicing Long: nvidia-smi sets the GPU's time slice at prepare
+    and puts it back to Default at unprepare, also after a restart (the checkpoint keeps it);
+    a failing nvidia-smi is this claim's error, and nothing is left written."""
+    smi = fake_smi(short_dir)
+    async with FakeApi(NODE) as api:
+        await api.put_claim(claim("uid-ts", [(NODE, "gpu-6")], long_slice()))
+        await api.put_claim(claim("uid-bad", [(NODE, "gpu-7")], long_slice()))
+        options = dra_options(short_dir, api, nvidia_smi=str(smi))
+        async with running(short_dir, **options) as rp:
+            await register(rp)
+            assert (await prepare(rp, "uid-ts")).claims["uid-ts"].error == ""
+            assert smi_calls(short_dir) == [f"compute-policy -i {uuid(6)} --set-timeslice 3"]
+            (short_dir / "fail").write_text("")
+            error = (await prepare(rp, "uid-bad")).claims["uid-bad"].error
+            assert error.startswith(f"cannot set the time slice of {uuid(7)} to 3: ")
+            assert "Insufficient Permissions" in error
+            assert not (short_dir / "cdi" / "aiodp-claim_uid-bad.json").exists()
+            (short_dir / "fail").unlink()
+        async with running(short_dir, **options) as rp:  # a restart between the two
+            await register(rp)
+            assert (await unprepare(rp, "uid-ts")).claims["uid-ts"].error == ""
+        assert smi_calls(short_dir)[-1] == f"compute-policy -i {uuid(6)} --set-timeslice 0"
+        assert not (short_dir / "cdi" / "aiodp-claim_uid-ts.json").exists()

@@ -233,27 +233,6 @@ def test_prepare_answers_cdi_ids_and_a_spec_with_allocates_edits() -> None:
                             "parameters": {
                                 "apiVersion": "gpu.aiodp.io/v1alpha1",
                                 "kind": "GpuConfig",
-                                "sharing": {
-                                    "strategy": "TimeSlicing",
-                                    "timeSlicingConfig": {"interval": "Long"},
-                                },
-                            },
-                        }
-                    }
-                ],
-            ),
-            "only Default",
-        ),
-        (
-            allocated(
-                "gpu-1",
-                config=[
-                    {
-                        "opaque": {
-                            "driver": DRIVER,
-                            "parameters": {
-                                "apiVersion": "gpu.aiodp.io/v1alpha1",
-                                "kind": "GpuConfig",
                                 "sharing": {"strategy": "Spatial"},
                             },
                         }
@@ -312,3 +291,17 @@ def test_a_mig_device_carries_nvidias_capacities() -> None:
         "ofaEngines": {"value": "0"},
         "memory": {"value": "19968Mi"},  # NVML's MIG memory, not the profile's 20 GiB
     }
+
+
+def test_prepare_a_time_slice_interval_is_asked_per_gpu() -> None:
+    """NVIDIA's GpuConfig TimeSlicing intervals: Short 1, Medium 2, Long 3, by request; a GPU
+    at Default is not listed (nothing to set)."""
+    sliced = {"opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+        "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+    }}}  # fmt: skip
+    got = prepare(allocated("gpu-1", "gpu-2", config=[sliced]))
+    assert got.time_slices == {"GPU-1": 3, "GPU-2": 3}
+    only = prepare(allocated("gpu-1", config=[{**sliced, "requests": ["other"]}]))
+    assert only.time_slices == {}
+    assert prepare(allocated("gpu-1")).time_slices == {}
