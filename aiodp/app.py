@@ -252,7 +252,7 @@ async def _serve(
         if config.dra:
             from aiodp.dra import driver  # DRA: only with --dra
 
-            tasks.append(("dra", driver.start(holder, registry, api, status, stack)))
+            tasks.append(("dra", driver.start(holder, registry, api, status, stack, daemons)))
         async with asyncio.TaskGroup() as tg:
             for name, coro in tasks:
                 status.eternal_task(tg.create_task(coro, name=name))

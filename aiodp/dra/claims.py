@@ -50,6 +50,21 @@ class PreparedDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class MpsAsk:
+    """A claim's MPS daemon: its GPUs, limits and directories (`<mpsRoot>/claim-<uid>`)."""
+
+    gpus: tuple[str, ...]
+    threads: int | None
+    pinned_mib: int | None
+    root: str
+    shm_dir: str
+
+    @property
+    def pipe_dir(self) -> str:
+        return f"{self.root}/pipe"
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     claim: ClaimRef
     devices: tuple[PreparedDevice, ...]
@@ -58,6 +73,8 @@ class Prepared:
     time_slices: Mapping[str, int] = dataclasses.field(default_factory=dict)
     """GPU UUID -> the time slice its config asks (NVIDIA's 1 Short, 2 Medium, 3 Long);
     GPUs at Default are not listed."""
+    mps: MpsAsk | None = None
+    """The claim's own MPS daemon, where its config asks MPS."""
 
     @property
     def spec_name(self) -> str:
@@ -97,11 +114,11 @@ def _bytes(where: str, value: object) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _check_mps(where: str, mps: object, memory_mib: int) -> None:
-    """NVIDIA's mpsConfig limits: a thread percentage of 1 to 100, pinned memory within the
-    GPU's; each wrong one is this claim's error naming the field."""
+def _check_mps(where: str, mps: object, memory_mib: int) -> tuple[int | None, int | None]:
+    """NVIDIA's mpsConfig limits, (thread percentage, pinned MiB): a percentage of 1 to 100,
+    pinned memory within the GPU's; each wrong one is this claim's error naming the field."""
     if mps is None:
-        return
+        return None, None
     if not isinstance(mps, Mapping):
         raise ClaimError(f"{where}: must be an object, got {cut(mps)}")
     threads = mps.get("defaultActiveThreadPercentage")
@@ -123,23 +140,36 @@ def _check_mps(where: str, mps: object, memory_mib: int) -> None:
         )
     limits += [(f"defaultPerDevicePinnedMemoryLimit[{cut(k)}]", v)
                for k, v in list(per_device.items())[:64]]  # fmt: skip
+    pinned = None
     for field, value in limits:
         mib = _bytes(f"{where}.{field}", value) >> 20
         if memory_mib and mib > memory_mib:
             raise ClaimError(
                 f"{where}.{field}: {mib} MiB is more than the GPU's memory ({memory_mib} MiB)"
             )
+        pinned = mib if pinned is None else min(pinned, mib)
+    return (threads if isinstance(threads, int) else None), pinned
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSharing:
+    """What a claim's GpuConfig asks, by request (`*`: a config naming no request)."""
+
+    time_slices: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """request -> time slice 1-3 (Default is not listed)."""
+    mps: Mapping[str, tuple[int | None, int | None]] = dataclasses.field(default_factory=dict)
+    """request -> (active thread percentage, pinned MiB) of its MPS daemon."""
 
 
 def check_config(
     configs: Sequence[Any], driver: str, requests: set[str], memory_mib: int = 0
-) -> dict[str, int]:
+) -> ClaimSharing:
     """The claim's opaque config for our driver, checked: GpuConfig with TimeSlicing (its
     interval, by request: `{}` for all requests) or no sharing; MPS limits are checked
     (within 100 % and the GPU's `memory_mib`) before MPS itself is refused; ClaimError
-    otherwise. Returns request -> time slice (1-3) for the intervals other than Default, `*`
-    for a config naming no request."""
+    otherwise."""
     slices: dict[str, int] = {}
+    mps_asked: dict[str, tuple[int | None, int | None]] = {}
     for i, entry in enumerate(configs[:32]):
         opaque = _get(entry, "opaque")
         if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
@@ -173,14 +203,17 @@ def check_config(
                 for req in map(str, applies or ["*"]):
                     slices[req] = INTERVALS.index(interval)
         elif kind == "MPS":
-            _check_mps(f"{where}.sharing.mpsConfig", sharing.get("mpsConfig"), memory_mib)
-            raise ClaimError(
-                f"{where}.sharing.strategy: MPS is not supported for DRA claims by aiodp "
-                "(it runs no MPS control daemon); use TimeSlicing"
-            )
+            limits = _check_mps(f"{where}.sharing.mpsConfig", sharing.get("mpsConfig"), memory_mib)
+            for req in map(str, applies or ["*"]):
+                mps_asked[req] = limits
         else:
             raise ClaimError(f"{where}.sharing.strategy: must be TimeSlicing, got {cut(kind)}")
-    return slices
+    return ClaimSharing(slices, mps_asked)
+
+
+def _asked(table: Mapping[str, Any], reqs: Sequence[str]) -> Any:
+    """What `table` asks for a device of these requests (its own request's, else `*`'s)."""
+    return next((table[r] for r in reqs if r in table), table.get("*"))
 
 
 def prepare(
@@ -237,10 +270,22 @@ def prepare(
     memory = min((d.memory_mib for d, _ in chosen.values() if d.memory_mib), default=0)
     asked = check_config(configs if isinstance(configs, list) else [], driver, requests, memory)
     time_slices = {
-        str(dev.uuid): max(asked.get(r, asked.get("*", 0)) for r in reqs or [""])
+        str(dev.uuid): _asked(asked.time_slices, reqs)
         for dev, reqs in chosen.values()
-        if any(r in asked for r in reqs) or "*" in asked
+        if _asked(asked.time_slices, reqs) is not None
     }
+    mps_devices = [dev for dev, reqs in chosen.values() if _asked(asked.mps, reqs) is not None]
+    mps: MpsAsk | None = None
+    if mps_devices:
+        if config.mps_root is None:
+            raise ClaimError("sharing.strategy MPS: needs MPS_ROOT (--mps-root) on this node")
+        threads, pinned = next(
+            _asked(asked.mps, reqs) for dev, reqs in chosen.values() if dev in mps_devices
+        )
+        mps = MpsAsk(
+            tuple(sorted({str(d.gpu) for d in mps_devices})), threads, pinned,
+            str(config.mps_root / f"claim-{ref.uid}"), str(config.mps_root / "shm"),
+        )  # fmt: skip
     kind = cdi_kind(driver)
     prepared = tuple(
         PreparedDevice(
@@ -256,7 +301,14 @@ def prepare(
         ref, [(name, dev) for name, (dev, _) in chosen.items()], inventory, config,
         control_paths, imex_channels, driver,
     )  # fmt: skip
-    return Prepared(ref, prepared, spec, time_slices)
+    if mps is not None:  # the claim's daemon: its pipe directory and shm, in every container
+        edits = spec["containerEdits"]
+        edits["env"] = [*edits["env"], f"CUDA_MPS_PIPE_DIRECTORY={mps.pipe_dir}"]
+        edits["mounts"] = [
+            {"hostPath": mps.pipe_dir, "containerPath": mps.pipe_dir, "options": ["rw", "bind"]},
+            {"hostPath": mps.shm_dir, "containerPath": "/dev/shm", "options": ["rw", "bind"]},
+        ]
+    return Prepared(ref, prepared, spec, time_slices, mps)
 
 
 def cdi_spec(

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, Protocol
 from lightkube import AsyncClient
 
 from aiodp.dra import claims, plugin, prepared, publisher, slices
-from aiodp.gpus import live, sharing
+from aiodp.gpus import live, mps, sharing
 from aiodp.gpus.devices import DeviceRegistry
 from aiodp.kit import aio, sockets, watch
 
@@ -71,6 +71,7 @@ async def run_dra(
     registry: DeviceRegistry,
     api: AsyncClient | None,
     report: Report,
+    daemons: mps.Supervisor | None = None,
 ) -> NoReturn:
     """The DRA driver: sockets, slices, claims and health, for ever."""
     config = holder.current().config
@@ -86,7 +87,7 @@ async def run_dra(
             "DRA: no Kubernetes API access or no NODE_NAME: no ResourceSlices are published "
             "and claims cannot be prepared; the kubelet side is served"
         )
-    preparer = prepared.ClaimPreparer(holder.current, registry, resource, node, read_claim)
+    preparer = prepared.ClaimPreparer(holder.current, registry, resource, node, read_claim, daemons)
     await preparer.load()
 
     registration = plugin.RegistrationService(config, report.dra_registered)
@@ -139,6 +140,7 @@ def start(
     api: AsyncClient | None,
     status: Report,
     stack: contextlib.AsyncExitStack,
+    daemons: mps.Supervisor | None = None,
 ) -> Coroutine[Any, Any, NoReturn]:
     """The DRA driver's task, with its own API client where the node-label one is absent
     (closed with `stack`)."""
@@ -150,4 +152,4 @@ def start(
         if api is not None:
             stack.push_async_callback(api.close)
     status.dra_serving(config.dra_driver_name)
-    return run_dra(holder, registry, api, status)
+    return run_dra(holder, registry, api, status, daemons)

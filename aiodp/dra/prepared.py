@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol
 
 from aiodp.config.model import Config
 from aiodp.dra import claims, slices
+from aiodp.gpus import mps
 from aiodp.gpus.devices import Device, DeviceRegistry
 from aiodp.kit.errors import cut_text
 
@@ -95,8 +96,11 @@ class ClaimPreparer:
         resource: str,
         pool: str,
         read_claim: Callable[[claims.ClaimRef], Awaitable[Mapping[str, Any]]],
+        daemons: mps.Supervisor | None = None,
     ) -> None:
         self.live = live
+        self.daemons = daemons
+        """Runs the MPS daemon of a claim whose config asks MPS (None: MPS is refused)."""
         self.registry = registry
         self.resource = resource
         self.pool = pool
@@ -111,6 +115,10 @@ class ClaimPreparer:
     async def load(self) -> None:
         """Read the checkpoint (at start)."""
         self.prepared = await asyncio.to_thread(_load_checkpoint, self.config.dra_checkpoint)
+        for uid, record in self.prepared.items():  # their daemons are checked (and restarted)
+            spec = self._daemon(uid, record.get("mps"))
+            if spec is not None and self.daemons is not None:
+                self.daemons.adopt_claim(uid, spec)
         if self.prepared:
             log.info("%d prepared claim(s) in %s", len(self.prepared), self.config.dra_checkpoint)
 
@@ -167,6 +175,13 @@ class ClaimPreparer:
                 await self._set_time_slices(dict.fromkeys(result.time_slices, 0))
                 log.warning("claim %s not prepared: %s", ref, failed)
                 return failed
+        if result.mps is not None:
+            failed = await self._start_daemon(ref, result)
+            if failed:
+                if result.time_slices:
+                    await self._set_time_slices(dict.fromkeys(result.time_slices, 0))
+                log.warning("claim %s not prepared: %s", ref, failed)
+                return failed
         spec_path = self.config.dra_cdi_dir / result.spec_name
         record = {
             "namespace": ref.namespace,
@@ -183,7 +198,11 @@ class ClaimPreparer:
                 for d in result.devices
             ],
             "time_slices": dict(result.time_slices),
-        }
+            "mps": None if result.mps is None else {
+                "gpus": list(result.mps.gpus), "threads": result.mps.threads,
+                "pinned_mib": result.mps.pinned_mib,
+            },
+        }  # fmt: skip
         try:
             await asyncio.to_thread(write_atomically, spec_path, json.dumps(result.spec, indent=1))
             await asyncio.to_thread(self._save, {**self.prepared, ref.uid: record})
@@ -194,6 +213,38 @@ class ClaimPreparer:
         self.prepared[ref.uid] = record
         log.info("prepared claim %s: %s", ref, ", ".join(d.device for d in result.devices))
         return result
+
+    def _daemon(self, uid: str, asked: Any) -> mps.DaemonSpec | None:
+        """The claim's daemon spec from what its record says (None: no MPS, or no root)."""
+        root = self.config.mps_root
+        if not isinstance(asked, Mapping) or root is None:
+            return None
+        by_uuid = {d.gpu: d for d in self.registry.inventory().devices}
+        gpus = []
+        for uuid in asked.get("gpus") or ():
+            d = by_uuid.get(uuid)
+            index = int(d.index.split(":")[0]) if d is not None else 0
+            gpus.append((index, str(uuid), d.memory_mib if d is not None else 0))
+        threads, pinned = asked.get("threads"), asked.get("pinned_mib")
+        return mps.DaemonSpec(
+            f"claim-{uid}", root, tuple(sorted(gpus)), 1,
+            threads if isinstance(threads, int) else None,
+            pinned if isinstance(pinned, int) else None,
+        )  # fmt: skip
+
+    async def _start_daemon(self, ref: claims.ClaimRef, result: claims.Prepared) -> str:
+        """The claim's own MPS daemon, started and limited; "" when it answers, else why."""
+        assert result.mps is not None
+        if self.daemons is None:
+            return "sharing.strategy MPS: this plugin runs no MPS daemons (no NVML here)"
+        spec = self._daemon(ref.uid, {"gpus": result.mps.gpus, "threads": result.mps.threads,
+                                      "pinned_mib": result.mps.pinned_mib})  # fmt: skip
+        assert spec is not None
+        try:
+            await self.daemons.start_claim(ref.uid, spec)
+        except mps.MpsError as e:
+            return f"the claim's MPS control daemon did not start: {e}"
+        return ""
 
     async def _set_time_slices(self, wanted: Mapping[str, int]) -> str:
         """`nvidia-smi compute-policy -i <uuid> --set-timeslice <n>` per GPU, as NVIDIA's
@@ -227,6 +278,8 @@ class ClaimPreparer:
             if failed:
                 log.error("claim %s not unprepared: %s", ref, failed)
                 return failed
+        if record.get("mps") and self.daemons is not None:  # its daemon quits, GPUs DEFAULT
+            await self.daemons.stop_claim(ref.uid)
         try:
             await asyncio.to_thread(_remove, Path(str(record.get("spec", ""))))
             await asyncio.to_thread(self._save, rest)

@@ -54,6 +54,10 @@ class DaemonSpec:
     gpus: tuple[tuple[int, str, int], ...]
     """(index, UUID, memory MiB) of each GPU the resource shares."""
     replicas: int
+    threads: int | None = None
+    """A claim's own defaultActiveThreadPercentage (None: 100 / replicas)."""
+    pinned_mib: int | None = None
+    """A claim's own defaultPinnedDeviceMemoryLimit in MiB (None: memory / replicas)."""
 
     @property
     def pipe_dir(self) -> Path:
@@ -74,11 +78,13 @@ class DaemonSpec:
     def defaults(self) -> list[str]:
         """The commands that set this resource's per-client limits (NVIDIA's defaults)."""
         out = [
-            f"set_default_device_pinned_mem_limit {index} {memory // self.replicas}M"
+            f"set_default_device_pinned_mem_limit {index} "
+            f"{self.pinned_mib if self.pinned_mib is not None else memory // self.replicas}M"
             for index, _, memory in self.gpus
-            if memory
+            if memory or self.pinned_mib is not None
         ]
-        out.append(f"set_default_active_thread_percentage {100 // self.replicas}")
+        threads = self.threads if self.threads is not None else 100 // self.replicas
+        out.append(f"set_default_active_thread_percentage {threads}")
         return out
 
 
@@ -189,6 +195,8 @@ class Supervisor:
     ) -> None:
         self.holder, self.backend, self.hold, self.mount = holder, backend, hold, mount
         self.running: dict[str, DaemonSpec] = {}
+        self.claims: dict[str, DaemonSpec] = {}
+        """Daemons of prepared DRA claims (by claim UID), one each as NVIDIA's driver runs."""
         self.down: dict[str, str] = {}
         """Resources whose daemon does not answer, with why."""
         self.starts = 0
@@ -257,9 +265,28 @@ class Supervisor:
         self.down.pop(spec.resource, None)
         log.info("MPS: control daemon for %s stopped (resource removed)", spec.resource)
 
+    async def start_claim(self, uid: str, spec: DaemonSpec) -> None:
+        """A prepared claim's daemon: brought up now (MpsError: the claim's error), then kept
+        answering by `step` until `stop_claim`."""
+        await self._bring_up(spec)
+        self.claims[uid] = spec
+        self.running[spec.resource] = spec
+        log.info("MPS: control daemon for claim %s serving %d GPU(s)", uid, len(spec.gpus))
+
+    def adopt_claim(self, uid: str, spec: DaemonSpec) -> None:
+        """A claim prepared before a restart: its daemon is checked (and started) by `step`."""
+        self.claims[uid] = spec
+
+    async def stop_claim(self, uid: str) -> None:
+        spec = self.claims.pop(uid, None)
+        if spec is not None:
+            self.running.pop(spec.resource, None)
+            await self._retire(spec)
+
     async def step(self) -> None:
         """Bring the daemons in line with the live plan and check each once."""
         wanted = {s.resource: s for s in specs(self.holder.current())}
+        wanted |= {s.resource: s for s in self.claims.values()}
         for name, spec in list(self.running.items()):
             if name not in wanted or wanted[name].gpus != spec.gpus:
                 await self._retire(spec)
@@ -280,7 +307,7 @@ async def run(supervisor: Supervisor, *, interval: float) -> NoReturn:
     """Check every `interval` seconds, and at once after every change of the live plan."""
     live = supervisor.holder.current()
     while True:
-        with contextlib.suppress(TimeoutError):  # no daemon: nothing to check until a change
-            async with asyncio.timeout(interval if supervisor.running else None):
+        with contextlib.suppress(TimeoutError):  # with no daemon a step is a no-op
+            async with asyncio.timeout(interval):
                 live = await supervisor.holder.next_after(live.version)
         await supervisor.step()

@@ -5,6 +5,7 @@ removed resource's daemon quit, and the config refused without NVML or the binar
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,64 @@ async def test_mps_is_refused_in_one_line_without_what_it_needs(
     assert len(lines) == 1
     assert lines[0].startswith(message)
     assert isinstance(config, Config)
+
+
+async def test_mps_claim_gets_its_own_daemon_and_it_is_supervised(
+    short_dir: Path, mps_root: Path
+) -> None:
+    """NVIDIA's GpuConfig MPS on a DRA claim: one daemon for the claim with its limits, the
+    pipe directory and shm in its CDI spec; the daemon killed turns the claim's GPU Unhealthy
+    (the health stream, the slice taint) until it answers again; unprepare quits it."""
+    from tests.integration.test_dra import (
+        DRIVER,
+        NODE,
+        claim,
+        dra_options,
+        prepare,
+        register,
+        unprepare,
+    )  # fmt: skip
+    from tests.kubeapi import FakeApi
+
+    machine = dgx(2)
+    mps_claim = [{"opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+        "sharing": {"strategy": "MPS", "mpsConfig": {
+            "defaultActiveThreadPercentage": 50, "defaultPinnedDeviceMemoryLimit": "10Gi"}},
+    }}}]  # fmt: skip
+    opts = options(short_dir, mps_root, machine, text="version: v1\n")
+    async with FakeApi(NODE) as api:
+        await api.put_claim(claim("uid-mps", [(NODE, "gpu-1")], mps_claim))
+        dra = dra_options(short_dir, api, dra_devices=("1",))
+        async with running(short_dir, **{**opts, **dra}) as rp:
+            await register(rp)
+            answer = (await prepare(rp, "uid-mps")).claims["uid-mps"]
+            assert answer.error == ""
+            resource = "claim-uid-mps"
+            said = fakemps.commands(mps_root, resource)
+            assert "-d" in said
+            assert "set_default_device_pinned_mem_limit 1 10240M" in said
+            assert "set_default_active_thread_percentage 50" in said
+            assert machine.gpus[1].compute_mode == 3
+            spec = json.loads((short_dir / "cdi" / "aiodp-claim_uid-mps.json").read_text())
+            pipe = f"{mps_root}/claim-uid-mps/pipe"
+            assert f"CUDA_MPS_PIPE_DIRECTORY={pipe}" in spec["containerEdits"]["env"]
+            mounts = {m["containerPath"]: m["hostPath"] for m in spec["containerEdits"]["mounts"]}
+            assert mounts == {pipe: pipe, "/dev/shm": f"{mps_root}/shm"}
+
+            fakemps.kill(mps_root, resource)
+            await api.wait_slices(
+                lambda s: any("taints" in d for sl in s for d in sl["spec"]["devices"])
+            )  # the slice shows it (so does the health stream: the same registry)
+            (sick,) = [d for sl in api.slices.values() for d in sl["spec"]["devices"]
+                       if "taints" in d]  # fmt: skip
+            assert sick["name"] == "gpu-1"
+            await api.wait_slices(
+                lambda s: not any("taints" in d for sl in s for d in sl["spec"]["devices"])
+            )  # answering again: Healthy
+            assert fakemps.commands(mps_root, resource).count("-d") == 2
+
+            done = (await unprepare(rp, "uid-mps")).claims["uid-mps"]
+            assert done.error == ""
+            assert fakemps.commands(mps_root, resource)[-1] == "quit"
+            assert machine.gpus[1].compute_mode == 0

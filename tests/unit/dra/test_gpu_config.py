@@ -45,10 +45,11 @@ def test_gpu_config_mps_limits_are_checked_and_named(mps: dict[str, Any], messag
     assert str(err.value).startswith(message)
 
 
-def test_gpu_config_mps_within_limits_is_refused_as_unsupported() -> None:
+def test_gpu_config_mps_within_limits_is_asked_per_request() -> None:
     ok = {"defaultActiveThreadPercentage": 50, "defaultPinnedDeviceMemoryLimit": "10Gi"}
-    with pytest.raises(ClaimError, match="MPS is not supported for DRA claims"):
-        claims.check_config(config({"strategy": "MPS", "mpsConfig": ok}), DRIVER, {"gpu"}, 81559)
+    got = claims.check_config(config({"strategy": "MPS", "mpsConfig": ok}), DRIVER, {"gpu"}, 81559)
+    assert got.mps == {"gpu": (50, 10240)}
+    assert got.time_slices == {}
 
 
 def test_gpu_config_time_slice_interval_is_one_of_nvidias() -> None:
@@ -57,7 +58,8 @@ def test_gpu_config_time_slice_interval_is_one_of_nvidias() -> None:
             config({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Forever"}}),
             DRIVER, {"gpu"},
         )  # fmt: skip
-    claims.check_config(
+    default = claims.check_config(
         config({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Default"}}),
         DRIVER, {"gpu"},
     )  # fmt: skip
+    assert default.time_slices == {}
