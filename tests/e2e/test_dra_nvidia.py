@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
+from aiodp.gpus.nvml import NvmlBackend
+from tests import fakemps
 from tests.e2e.apiserver import ApiServer, Scheduler
 from tests.e2e.conftest import report
 from tests.e2e.peer import DraKubelet, dra_versions
 from tests.e2e.test_dra import NODE, create, devices, schedulable_node, slices_until, until
+from tests.fakenvml import dgx
 from tests.harness import running
 from tests.helm.test_chart import kind, render
 from tests.integration.test_dra import fake_smi, smi_calls
@@ -183,3 +186,68 @@ async def test_e2e_nvidias_example_claims_allocated_from_our_slices(short_dir: P
                 f"DRA e2e (compat nvidia): a plain nvidia.com/gpu: 1 pod got claim "
                 f"{claim_name}, prepared through our plugin: {prepared['cdi_devices']}"
             )
+
+
+async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
+    short_dir: Path,
+) -> None:
+    """gpu-test5's MPS request (thread percentage 50, 10Gi pinned) on the fake NVML with a
+    fake control binary: allocated by the kube-scheduler, prepared by the v1.37.2 DRA
+    manager with its own daemon, unprepared (the daemon quits)."""
+    machine = dgx(2)
+    root = short_dir / "mps"
+    root.mkdir()
+    async with ApiServer(short_dir) as api, Scheduler(api, short_dir):
+        await schedulable_node(api)
+        for cls in kind(render({"dra": {"enabled": True, "devices": "all", "compat": "nvidia"}}),
+                        "DeviceClass"):  # fmt: skip
+            cls["metadata"].pop("labels", None)
+            await create(api, "/apis/resource.k8s.io/v1/deviceclasses", cls)
+        kubeconfig = api.kubeconfig(short_dir)
+        registry, state = short_dir / "registry", short_dir / "state"
+        registry.mkdir()
+        state.mkdir()
+        spec, _ = EXAMPLES["test5"]
+        mps_only = {"requests": [spec["requests"][1]], "config": [spec["config"][1]]}
+        claims_path = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims"
+
+        def backend(c: Any) -> NvmlBackend:
+            return NvmlBackend(sys_root=c.sys_root, proc_root=c.proc_root, nvml=machine.module())
+
+        try:
+            async with (
+                DraKubelet(dra_versions()[0], registry, state, kubeconfig, NODE) as kubelet,
+                running(
+                    short_dir, node_name=NODE, kubeconfig=kubeconfig, dra=True,
+                    dra_devices="all", dra_driver_name=DRIVER, dra_registry_dir=registry,
+                    dra_plugins_dir=short_dir / "plugins", dra_cdi_dir=short_dir / "cdi",
+                    backend="nvml", mps_root=root, mps_mount_shm=False,
+                    mps_control=str(fakemps.install(short_dir)), make_backend=backend,
+                ),
+            ):  # fmt: skip
+                await kubelet.call("wait_registered", driver=DRIVER, timeout=30)
+                await slices_until(api, lambda s: len(devices(s)) == 2)
+                await create(api, claims_path, {
+                    "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                    "metadata": {"name": "mps", "namespace": "default"},
+                    "spec": {"devices": mps_only},
+                })  # fmt: skip
+                made = await create(api, "/api/v1/namespaces/default/pods", pod("p", "mps"))
+                await until(api, f"{claims_path}/mps",
+                            lambda c: (c.get("status") or {}).get("allocation"))  # fmt: skip
+                uid = made["metadata"]["uid"]
+                prepared = await kubelet.call("prepare", pod="p", uid=uid, claim="mps")
+                assert prepared["cdi_devices"]
+                claims = list(root.glob("claim-*"))
+                assert len(claims) == 1
+                said = fakemps.commands(root, claims[0].name)
+                assert "set_default_active_thread_percentage 50" in said
+                assert any(c.endswith(" 10240M") for c in said)
+                await kubelet.call("unprepare", pod="p", uid=uid, claim="mps")
+                assert fakemps.commands(root, claims[0].name)[-1] == "quit"
+            report(
+                "DRA e2e (compat nvidia): gpu-test5's MPS request prepared with its own MPS "
+                "daemon (50 %, 10240M) and unprepared, by the v1.37.2 DRA manager"
+            )
+        finally:
+            fakemps.kill_all(root)
