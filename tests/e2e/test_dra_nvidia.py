@@ -188,16 +188,19 @@ async def test_e2e_nvidias_example_claims_allocated_from_our_slices(short_dir: P
             )
 
 
+@pytest.mark.parametrize("version", dra_versions())
 async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
-    short_dir: Path,
+    short_dir: Path, version: str
 ) -> None:
     """gpu-test5's MPS request (thread percentage 50, 10Gi pinned) on the fake NVML with a
-    fake control binary: allocated by the kube-scheduler, prepared by the v1.37.2 DRA
-    manager with its own daemon, unprepared (the daemon quits)."""
+    fake control binary: allocated by the kube-scheduler, prepared by the DRA manager (1.37:
+    dra v1; 1.32: dra v1beta1) with its own daemon, unprepared (the daemon quits)."""
     machine = dgx(2)
     root = short_dir / "mps"
     root.mkdir()
-    async with ApiServer(short_dir) as api, Scheduler(api, short_dir):
+    old = int(version.split(".")[1]) < 34
+    extra = ("--runtime-config=resource.k8s.io/v1beta1=true",) if old else ()
+    async with ApiServer(short_dir, *extra) as api, Scheduler(api, short_dir):
         await schedulable_node(api)
         for cls in kind(render({"dra": {"enabled": True, "devices": "all", "compat": "nvidia"}}),
                         "DeviceClass"):  # fmt: skip
@@ -216,7 +219,7 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
 
         try:
             async with (
-                DraKubelet(dra_versions()[0], registry, state, kubeconfig, NODE) as kubelet,
+                DraKubelet(version, registry, state, kubeconfig, NODE) as kubelet,
                 running(
                     short_dir, node_name=NODE, kubeconfig=kubeconfig, dra=True,
                     dra_devices="all", dra_driver_name=DRIVER, dra_registry_dir=registry,
@@ -247,7 +250,7 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
                 assert fakemps.commands(root, claims[0].name)[-1] == "quit"
             report(
                 "DRA e2e (compat nvidia): gpu-test5's MPS request prepared with its own MPS "
-                "daemon (50 %, 10240M) and unprepared, by the v1.37.2 DRA manager"
+                f"daemon (50 %, 10240M) and unprepared, by the {version} DRA manager"
             )
         finally:
             fakemps.kill_all(root)
