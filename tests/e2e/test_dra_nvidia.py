@@ -210,8 +210,7 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
         registry, state = short_dir / "registry", short_dir / "state"
         registry.mkdir()
         state.mkdir()
-        spec, _ = EXAMPLES["test5"]
-        mps_only = {"requests": [spec["requests"][1]], "config": [spec["config"][1]]}
+        test5, _ = EXAMPLES["test5"]  # a time-sliced GPU (Long) and an MPS one
         claims_path = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims"
 
         def backend(c: Any) -> NvmlBackend:
@@ -226,6 +225,7 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
                     dra_plugins_dir=short_dir / "plugins", dra_cdi_dir=short_dir / "cdi",
                     backend="nvml", mps_root=root, mps_mount_shm=False,
                     mps_control=str(fakemps.install(short_dir)), make_backend=backend,
+                    nvidia_smi=str(fake_smi(short_dir)),
                 ),
             ):  # fmt: skip
                 await kubelet.call("wait_registered", driver=DRIVER, timeout=30)
@@ -233,7 +233,7 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
                 await create(api, claims_path, {
                     "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
                     "metadata": {"name": "mps", "namespace": "default"},
-                    "spec": {"devices": mps_only},
+                    "spec": {"devices": test5},
                 })  # fmt: skip
                 made = await create(api, "/api/v1/namespaces/default/pods", pod("p", "mps"))
                 await until(api, f"{claims_path}/mps",
@@ -246,11 +246,14 @@ async def test_e2e_an_mps_claim_prepared_and_unprepared_by_the_dra_manager(
                 said = fakemps.commands(root, claims[0].name)
                 assert "set_default_active_thread_percentage 50" in said
                 assert any(c.endswith(" 10240M") for c in said)
+                assert [c.split()[-1] for c in smi_calls(short_dir)] == ["3"]  # ts-gpu: Long
                 await kubelet.call("unprepare", pod="p", uid=uid, claim="mps")
                 assert fakemps.commands(root, claims[0].name)[-1] == "quit"
+                assert [c.split()[-1] for c in smi_calls(short_dir)] == ["3", "0"]
             report(
-                "DRA e2e (compat nvidia): gpu-test5's MPS request prepared with its own MPS "
-                f"daemon (50 %, 10240M) and unprepared, by the {version} DRA manager"
+                "DRA e2e (compat nvidia): gpu-test5's claim (a Long time slice and an MPS GPU "
+                f"with its own daemon, 50 %, 10240M) prepared and unprepared by the {version} "
+                "DRA manager"
             )
         finally:
             fakemps.kill_all(root)
