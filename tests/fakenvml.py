@@ -71,6 +71,8 @@ class FakeMig:
     multiprocessors: int = 16
     engines: tuple[int, int, int, int, int] = (1, 1, 0, 0, 0)
     """Shared (copy, decoder, encoder, jpeg, ofa) engines."""
+    placement: tuple[int, int] = (0, 1)
+    """(first memory slice, slices) of its GPU instance."""
 
 
 @dataclass
@@ -308,6 +310,18 @@ class FakeMachine:
         if not gpu.mig_capable:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return [1, 1] if gpu.migs is not None else [0, 0]
+
+    def nvmlDeviceGetGpuInstanceById(self, h: Handle, gi: int) -> tuple[int, int]:
+        migs = self._gpu(h).migs or []
+        if not any(m.gi == gi for m in migs):
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        return (h.gpu, gi)
+
+    def nvmlGpuInstanceGetInfo(self, gih: tuple[int, int]) -> Any:
+        gpu, gi = gih
+        m = next(m for m in self.gpus[gpu].migs or [] if m.gi == gi)
+        start, size = m.placement
+        return SimpleNamespace(placement=SimpleNamespace(start=start, size=size))
 
     def nvmlDeviceGetComputeMode(self, h: Handle) -> int:
         return self._gpu(h).compute_mode

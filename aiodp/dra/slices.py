@@ -135,6 +135,8 @@ def _mig_capacities(dev: Device, gpu: DeviceInfo | None) -> dict[str, Any]:
         return {}
     out = {"multiprocessors": {"value": str(info.multiprocessors)}}
     out |= {name: {"value": str(n)} for name, n in zip(MIG_ENGINES, info.engines, strict=True)}
+    start, size = info.placement  # NVIDIA's memorySlice<i>: the slices its instance holds
+    out |= {f"memorySlice{i}": {"value": "1"} for i in range(start, start + size)}
     return out
 
 

@@ -80,6 +80,8 @@ class MigInfo:
     ci_slices: int = 0
     engines: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     """Shared (copy, decoder, encoder, jpeg, ofa) engines."""
+    placement: tuple[int, int] = (0, 0)
+    """The GPU instance's placement (first memory slice, slice count); size 0: unknown."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,6 +382,7 @@ class NvmlBackend:
                     multiprocessors=int(getattr(attrs, "multiprocessorCount", 0)),
                     gi_slices=int(attrs.gpuInstanceSliceCount),
                     ci_slices=int(attrs.computeInstanceSliceCount),
+                    placement=self._placement(h, gi),
                     engines=(
                         int(getattr(attrs, "sharedCopyEngineCount", 0)),
                         int(getattr(attrs, "sharedDecoderCount", 0)),
@@ -392,6 +393,15 @@ class NvmlBackend:
                 )
             )
         return migs
+
+    def _placement(self, h: Any, gi: int) -> tuple[int, int]:
+        """A GPU instance's memory-slice placement (start, size); (0, 0) when unknown."""
+        n = self.n
+        try:
+            info = n.nvmlGpuInstanceGetInfo(n.nvmlDeviceGetGpuInstanceById(h, gi))
+            return int(info.placement.start), int(info.placement.size)
+        except (n.NVMLError, AttributeError, TypeError, ValueError):
+            return 0, 0
 
     def _mig_caps(self, minor: int, gi: int, ci: int) -> tuple[str, ...]:
         """The two capability nodes of a MIG device, from the driver's capability files."""

@@ -73,7 +73,7 @@ GPU_KEYS: Final = frozenset(
 )
 MIG_KEYS: Final = frozenset(
     {"uuid", "profile", "gi", "ci", "metrics", "memory_mb", "multiprocessors", "gi_slices",
-     "ci_slices", "engines"}
+     "ci_slices", "engines", "placement"}
 )  # fmt: skip
 ENGINES: Final = ("copy", "decoder", "encoder", "jpeg", "ofa")
 COMPUTE_CLASS: Final = 0x030200
@@ -305,9 +305,19 @@ def _mig_devices(where: str, raw: object, parent: int, seen: set[str]) -> tuple[
                 gi_slices=_int(f"{at}.gi_slices", m.get("gi_slices", slices)),
                 ci_slices=_int(f"{at}.ci_slices", m.get("ci_slices", slices)),
                 engines=engines,  # type: ignore[arg-type]
+                placement=_placement(f"{at}.placement", m.get("placement")),
             )
         )  # fmt: skip
     return tuple(out)
+
+
+def _placement(where: str, value: object) -> tuple[int, int]:
+    """`[first memory slice, slices]` of a MIG device's GPU instance; absent: unknown."""
+    if value is None:
+        return 0, 0
+    if not isinstance(value, list) or len(value) != 2:
+        _fail(where, f"must be [first memory slice, slices], got {cut(value)}")
+    return _int(where, value[0]), _int(where, value[1])
 
 
 def _profile_defaults(profile: str) -> tuple[int, int]:

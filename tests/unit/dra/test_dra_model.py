@@ -276,7 +276,7 @@ def test_a_mig_device_is_published_with_its_parent_profile_and_memory() -> None:
 
 def test_a_mig_device_carries_nvidias_capacities() -> None:
     info = MigInfo("MIG-a", "2g.20gb", 3, 0, 0, memory_mb=19968, multiprocessors=28,
-                   gi_slices=2, ci_slices=2, engines=(2, 2, 0, 1, 0))  # fmt: skip
+                   gi_slices=2, ci_slices=2, engines=(2, 2, 0, 1, 0), placement=(2, 2))  # fmt: skip
     mig = gpu(0, mig_enabled=True, mig_devices=(info,))
     plan = sharing.plan([mig], conf(dra_devices="all", mig_strategy="mixed"))
     (dev,) = slices.pool(
@@ -289,6 +289,8 @@ def test_a_mig_device_carries_nvidias_capacities() -> None:
         "encoders": {"value": "0"},
         "jpegEngines": {"value": "1"},
         "ofaEngines": {"value": "0"},
+        "memorySlice2": {"value": "1"},  # NVIDIA's: the memory slices its instance holds
+        "memorySlice3": {"value": "1"},
         "memory": {"value": "19968Mi"},  # NVML's MIG memory, not the profile's 20 GiB
     }
 

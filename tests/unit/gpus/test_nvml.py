@@ -332,3 +332,18 @@ async def test_nvml_pcie_root_class_fabric_and_mig_capability(short_dir: Path) -
     assert first.fabric == "00010203-0405-0607-0809-0a0b0c0d0e0f.7"
     assert second.fabric == ""
     assert (first.mig_capable, second.mig_capable) == (True, False)
+
+
+async def test_nvml_mig_attributes_and_placement(short_dir: Path) -> None:
+    machine = with_mig(dgx(4), 3)
+    machine.gpus[3].migs[2].placement = (4, 2)  # type: ignore[index]
+    async with on(roots(short_dir, machine), machine) as b:
+        infos = await b.discover()
+    a, _, c = infos[3].mig_devices
+    assert (a.placement, c.placement) == ((0, 1), (4, 2))
+    assert (c.memory_mb, c.multiprocessors, c.gi_slices, c.engines) == (
+        19968,
+        16,
+        2,
+        (1, 1, 0, 0, 0),
+    )
