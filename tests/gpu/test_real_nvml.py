@@ -116,3 +116,16 @@ async def test_gpu_mps_daemon_round(tmp_path: Path) -> None:
         finally:
             await control.quit()
             await backend.set_compute_mode([g.uuid], exclusive=False)
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is None, reason="no nvidia-smi")
+async def test_gpu_time_slice_set_and_put_back() -> None:
+    """A DRA claim's TimeSlicing interval, as the preparer sets it: Long, then Default."""
+    from aiodp.dra import prepared
+
+    async with NvmlBackend() as backend:
+        uuid = (await backend.discover())[0].uuid
+    for value in ("3", "0"):
+        why = await prepared._run(["nvidia-smi", "compute-policy", "-i", uuid,
+                                   "--set-timeslice", value])  # fmt: skip
+        assert why == ""
