@@ -23,6 +23,7 @@ from aiodp.config.model import Config
 from aiodp.dra import claims, slices
 from aiodp.gpus import mps
 from aiodp.gpus.devices import Device, DeviceRegistry
+from aiodp.kit import commands
 from aiodp.kit.errors import cut_text
 
 log = logging.getLogger(__name__)
@@ -295,23 +296,13 @@ class ClaimPreparer:
 async def _run(argv: Sequence[str]) -> str:
     """Run a helper binary, bounded in time; "" on success, else why in one line."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+        code, text = await commands.run(argv, within=HELPER_TIMEOUT)
     except OSError as e:
         return f"cannot run {cut_text(argv[0])}: {e.strerror or e}"
-    try:
-        async with asyncio.timeout(HELPER_TIMEOUT):
-            out, _ = await proc.communicate()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
         return f"{cut_text(argv[0])} gave no answer within {HELPER_TIMEOUT:.0f} s"
-    if proc.returncode != 0:
-        text = out[:4096].decode("utf-8", "replace").strip()
-        return f"{cut_text(argv[0])} exit code {proc.returncode}: {cut_text(text, 160)}"
+    if code != 0:
+        return f"{cut_text(argv[0])} exit code {code}: {cut_text(text, 160)}"
     return ""
 
 

@@ -30,6 +30,7 @@ from typing import Final, NoReturn
 from aiodp.config.model import Config
 from aiodp.gpus.backend import DeviceBackend
 from aiodp.gpus.live import Holder, Live
+from aiodp.kit import commands
 from aiodp.kit.errors import BackendError, ConfigError, cut_text
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class DaemonSpec:
     """A claim's own defaultActiveThreadPercentage (None: 100 / replicas)."""
     pinned_mib: int | None = None
     """A claim's own defaultPinnedDeviceMemoryLimit in MiB (None: memory / replicas)."""
+
+    @property
+    def uuids(self) -> list[str]:
+        return [uuid for _, uuid, _ in self.gpus]
 
     @property
     def pipe_dir(self) -> Path:
@@ -133,24 +138,16 @@ class Control:
 
     async def _run(self, args: Sequence[str], text: str | None) -> str:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self.binary, *args, env=self.spec.env,
-                stdin=asyncio.subprocess.PIPE if text is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            code, answer = await commands.run(
+                [self.binary, *args], within=COMMAND_TIMEOUT, stdin=text, env=self.spec.env,
+                limit=MAX_ANSWER,
             )  # fmt: skip
         except OSError as e:
             raise MpsError(f"cannot run {cut_text(self.binary)}: {e.strerror or e}") from None
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                out, _ = await proc.communicate(None if text is None else text.encode())
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             raise MpsError(f"no answer within {COMMAND_TIMEOUT:.0f} s") from None
-        answer = out[:MAX_ANSWER].decode("utf-8", "replace").strip()
-        if proc.returncode != 0:
-            raise MpsError(f"exit code {proc.returncode}: {cut_text(answer, 120) or 'no output'}")
+        if code != 0:
+            raise MpsError(f"exit code {code}: {cut_text(answer, 120) or 'no output'}")
         return answer
 
     async def send(self, command: str) -> str:
@@ -172,14 +169,14 @@ async def mount_shm(path: Path) -> None:
     needs CAP_SYS_ADMIN. Failing, one line: clients then share a plain directory."""
     if await asyncio.to_thread(os.path.ismount, path):
         return
-    proc = await asyncio.create_subprocess_exec(
-        "mount", "-t", "tmpfs", "-o", "rw,nosuid,nodev,noexec,size=50%", "tmpfs", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
+    argv = ["mount", "-t", "tmpfs", "-o", "rw,nosuid,nodev,noexec,size=50%", "tmpfs", str(path)]
+    try:
+        code, why = await commands.run(argv, within=COMMAND_TIMEOUT)
+    except (OSError, TimeoutError) as e:
+        code, why = -1, f"{type(e).__name__}: {e}"
+    if code != 0:
         log.warning("MPS: cannot mount a tmpfs at %s (%s); it stays a plain directory",
-                    path, cut_text(err.decode("utf-8", "replace").strip(), 160))  # fmt: skip
+                    path, cut_text(why, 160))  # fmt: skip
 
 
 class Supervisor:
@@ -199,7 +196,6 @@ class Supervisor:
         """Daemons of prepared DRA claims (by claim UID), one each as NVIDIA's driver runs."""
         self.down: dict[str, str] = {}
         """Resources whose daemon does not answer, with why."""
-        self.starts = 0
 
     def _control(self, spec: DaemonSpec) -> Control:
         return Control(self.holder.current().config.mps_control, spec)
@@ -208,7 +204,7 @@ class Supervisor:
         """Compute mode, directories, shm, the daemon (adopted if it answers), its limits."""
         control = self._control(spec)
         try:
-            await self.backend.set_compute_mode([u for _, u, _ in spec.gpus], exclusive=True)
+            await self.backend.set_compute_mode(spec.uuids, exclusive=True)
         except BackendError as e:
             raise MpsError(str(e)) from None
         for d in (spec.pipe_dir, spec.log_dir, spec.root / "shm"):
@@ -220,14 +216,13 @@ class Supervisor:
             log.info("MPS: the control daemon for %s answers already: adopted", spec.resource)
         except MpsError:
             await control.start()
-            self.starts += 1
         for command in spec.defaults():
             await control.send(command)
         await control.send(PROBE)
 
     async def _check(self, spec: DaemonSpec) -> None:
         """Ask the daemon; if it does not answer, hold its GPUs and start it again."""
-        gpus = [u for _, u, _ in spec.gpus]
+        gpus = spec.uuids
         try:
             if spec.resource in self.down or self.running.get(spec.resource) != spec:
                 await self._bring_up(spec)
@@ -260,8 +255,8 @@ class Supervisor:
         with contextlib.suppress(MpsError):
             await self._control(spec).quit()
         with contextlib.suppress(BackendError):
-            await self.backend.set_compute_mode([u for _, u, _ in spec.gpus], exclusive=False)
-        self.hold([u for _, u, _ in spec.gpus], None)
+            await self.backend.set_compute_mode(spec.uuids, exclusive=False)
+        self.hold(spec.uuids, None)
         self.down.pop(spec.resource, None)
         log.info("MPS: control daemon for %s stopped (resource removed)", spec.resource)
 
@@ -297,7 +292,7 @@ class Supervisor:
     async def start(self) -> None:
         """The first step, before the plugins register: a resource is advertised Healthy
         only once its daemon answers."""
-        held = [u for s in specs(self.holder.current()) for _, u, _ in s.gpus]
+        held = [u for s in specs(self.holder.current()) for u in s.uuids]
         if held:
             self.hold(held, "MPS control daemon starting")
         await self.step()
