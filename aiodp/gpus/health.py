@@ -151,10 +151,9 @@ class HealthTracker:
 
     def _apply(self) -> tuple[tuple[Device, Device], ...]:
         verdicts: dict[Uuid, tuple[Health, str]] = {}
-        for device in self._devices():
-            uuid = device.uuid
+        for uuid, gpu in {d.uuid: d.gpu for d in self._devices()}.items():  # replicas: once
             track = self._tracks.get(uuid)
-            held = self._holds.get(device.gpu)
+            held = self._holds.get(gpu)
             if track is None and held is None:
                 continue
             reason = track.reason if track is not None else None

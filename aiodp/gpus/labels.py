@@ -95,9 +95,10 @@ def _versions(gpu: DeviceInfo) -> dict[str, str]:
     out: dict[str, str] = {}
     parts = gpu.driver_version.split(".")
     if 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts):
-        rev = parts[2] if len(parts) == 3 else ""
-        for old, new in (("major", "major"), ("minor", "minor"), ("rev", "revision")):
-            value = {"major": parts[0], "minor": parts[1], "rev": rev}[old]
+        values = (parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+        # the deprecated cuda.driver.* keys say `rev`, the new ones `revision`
+        for old, new, value in zip(("major", "minor", "rev"), ("major", "minor", "revision"),
+                                   values, strict=True):  # fmt: skip
             out[f"{PREFIX}cuda.driver.{old}"] = value
             out[f"{PREFIX}cuda.driver-version.{new}"] = value
         out[PREFIX + "cuda.driver-version.full"] = gpu.driver_version
