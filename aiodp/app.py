@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiodp
@@ -44,7 +44,7 @@ from aiodp.gpus import health, live, mps, startup
 from aiodp.gpus.backend import DeviceBackend
 from aiodp.gpus.devices import DeviceRegistry
 from aiodp.gpus.simulated import SimulatedBackend
-from aiodp.kit import metrics
+from aiodp.kit import aio, metrics
 from aiodp.kit.errors import BackendUnavailable, ConfigError, ListenError
 from aiodp.ops import operator, probes
 from aiodp.ops.status import Status
@@ -238,7 +238,7 @@ async def _serve(
         )  # fmt: skip
         daemons = mps.Supervisor(holder, backend, tracker.hold)
         await daemons.start()  # an MPS resource is Healthy only once its daemon answers
-        tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
+        tasks: aio.Tasks = [
             ("plugins", generations.run_plugins(holder, registry, status)),
             *startup.tasks(config, backend, reloader, tracker, hup),
             ("mps", mps.run(daemons, interval=config.health_interval)),

@@ -99,9 +99,7 @@ async def run_dra(
         plugin.HealthV1Service(streams),
         plugin.HealthV1alpha1Service(streams),
     ]
-    tasks: list[tuple[str, Coroutine[Any, Any, NoReturn]]] = [
-        ("dra-sockets", run_sockets(holder, registration, services, report))
-    ]
+    tasks: aio.Tasks = [("dra-sockets", run_sockets(holder, registration, services, report))]
     if slices_out is not None:
 
         def desired(taints: bool) -> slices.Pool:

@@ -6,20 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any, NoReturn
 
 from aiodp.config.model import Config
 from aiodp.gpus import health, live
 from aiodp.gpus.backend import DeviceBackend
 from aiodp.gpus.simulated import SimulatedBackend
-from aiodp.kit import retry
+from aiodp.kit import aio, retry
 from aiodp.kit.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
-
-Tasks = list[tuple[str, Coroutine[Any, Any, NoReturn]]]
-"""Named eternal coroutines for the caller's task group."""
 
 
 def _choose_backend(config: Config) -> DeviceBackend:
@@ -81,11 +76,11 @@ def tasks(
     reloader: live.Reloader,
     tracker: health.HealthTracker,
     hup: asyncio.Event,
-) -> Tasks:
+) -> aio.Tasks:
     """The core's eternal tasks: SIGHUP's rediscovery, health probes and XID events, and the
     config file's and simulated file's watches, as the config asks for them."""
     wake = asyncio.Event()
-    out: Tasks = [("rediscover", live.run_rediscover(reloader, hup))]
+    out: aio.Tasks = [("rediscover", live.run_rediscover(reloader, hup))]
     if config.health_policy.probes:
         out.append(
             ("health", health.run_health(backend, tracker, interval=config.health_interval,

@@ -1,14 +1,17 @@
-"""Which small asyncio tools the supervisors share: a re-arming pulse, a first-of race, and
-a problem said once."""
+"""Which small asyncio tools the supervisors share: a re-arming pulse, a first-of race, a
+problem said once, and the shape of a list of named eternal tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
+
+Tasks = list[tuple[str, Coroutine[Any, Any, NoReturn]]]
+"""Named eternal coroutines, for a task group to run (each package hands its own to app)."""
 
 
 class Pulse:

@@ -75,8 +75,8 @@ class NodeLabels:
         self.features = features
         """Whether to use the NodeFeature API where it is served."""
         self.via: str | None = None
-        """`NodeFeature` or `node`, decided at the first write."""
-        self.writes = 0
+        """`NodeFeature` or `node`, as the last write went (looked up at each write: NFD's
+        CRD may come or go)."""
         self.trouble = aio.Trouble(log)
 
     @property
@@ -95,7 +95,6 @@ class NodeLabels:
             else:
                 wrote = await self._node(dict(wanted))
         if wrote:
-            self.writes += 1
             log.info("node %s: %d GPU Feature Discovery label(s) written to the %s",
                      self.node, len(wanted), self.via)  # fmt: skip
         return wrote

@@ -7,23 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from aiodp.config.model import Config
 from aiodp.gpus import health, sharing
 from aiodp.gpus.backend import DeviceBackend, DeviceInfo, GpuMetrics
 from aiodp.gpus.devices import DeviceRegistry, Health
 from aiodp.gpus.live import Holder
-from aiodp.kit import metrics
+from aiodp.kit import aio, metrics
 from aiodp.ops import podresources
 from aiodp.ops.status import Status
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
-
-Tasks = list[tuple[str, Coroutine[Any, Any, NoReturn]]]
-"""Named eternal coroutines for the caller's task group."""
 
 
 def tasks(
@@ -35,7 +32,7 @@ def tasks(
     status: Status,
     api: AsyncClient | None,
     stack: contextlib.AsyncExitStack,
-) -> Tasks:
+) -> aio.Tasks:
     """Install the /metrics sources (removed when `stack` closes) and return the tasks:
     the GPU counters and pod attribution (with a device-metrics interval), node signals
     (with NODE_NAME) and GPU Feature Discovery's node labels (with --gfd and NODE_NAME)."""
@@ -49,7 +46,7 @@ def tasks(
     stack.callback(metrics.set_device_source, None)
     metrics.set_task_source(lambda: len(asyncio.all_tasks()))
     stack.callback(metrics.set_task_source, None)
-    out: Tasks = []
+    out: aio.Tasks = []
     if config.device_metrics_interval > 0:
         out += _device_metrics(config, backend, infos, registry, status, stack)
     if config.node_signals and config.node_name:
@@ -66,7 +63,7 @@ def _device_metrics(
     registry: DeviceRegistry,
     status: Status,
     stack: contextlib.AsyncExitStack,
-) -> Tasks:
+) -> aio.Tasks:
     """The GPU counters on /metrics, labelled by the pods holding each GPU when the kubelet's
     pod-resources socket answers."""
     latest: dict[str, Mapping[str, object]] = {}
@@ -129,7 +126,7 @@ def _device_metrics(
     reading = health.run_device_metrics(
         backend, interval=config.device_metrics_interval, on_reading=keep
     )
-    tasks: Tasks = [("device-metrics", reading)]
+    tasks: aio.Tasks = [("device-metrics", reading)]
     if pods is not None:
         attribution = pods
 
