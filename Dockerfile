@@ -64,6 +64,10 @@ LABEL org.opencontainers.image.title="aiodp" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 COPY --from=build /opt/aiodp /opt/aiodp
 COPY LICENSE /usr/share/doc/aiodp/LICENSE
+# NVIDIA's executable names, for the GPU Operator's DaemonSet shape (image/bin/ says why the
+# argv0/ link is there)
+COPY image/bin/nvidia-device-plugin image/bin/config-manager /usr/bin/
+RUN mkdir /opt/aiodp/argv0 && ln -s ../bin/python /opt/aiodp/argv0/nvidia-device-plugin
 ENV AIODP_COMMIT=${COMMIT} \
     PATH=/opt/aiodp/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--version" in args:
         print(version_line())  # noqa: T201 - the command's answer
         return 0
+    if args[:1] == ["config-manager"]:  # NVIDIA's sidecar, for the GPU Operator's DaemonSet
+        logs.configure()
+        from aiodp.ops import configmanager
+
+        return configmanager.main(args[1:], os.environ)
     try:
         cfg = config.resolve(args, os.environ)
     except ConfigError as e:
