@@ -69,6 +69,7 @@ GPU_KEYS: Final = frozenset(
         "pci_class",
         "fabric",
         "pcie_root",
+        "xids",
     }
 )
 MIG_KEYS: Final = frozenset(
@@ -81,6 +82,10 @@ COMPUTE_CLASS: Final = 0x030200
 _IDENTITY: Final = (
     "brand", "architecture", "cuda_compute_capability", "driver_version", "cuda_driver_version"
 )  # fmt: skip
+MAX_XIDS: Final = 32
+"""XIDs listed for one GPU (`xids:`): a fault-injection list, never long."""
+MAX_PENDING_EVENTS: Final = 256
+"""XID events reported and not yet taken by the health task; more are dropped with a line."""
 MAX_TEXT: Final = 256
 """Characters in one text value (a UUID, a name, a reason): real ones are far shorter."""
 
@@ -97,6 +102,8 @@ class SimulatedNode:
     nvlinks: Mapping[frozenset[str], int]
     metrics: Mapping[str, GpuMetrics] = dataclasses.field(default_factory=dict)
     """Each GPU's `metrics:` block (live-editable like `health:`), by UUID."""
+    xids: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    """Each GPU's `xids:` list, by UUID: an XID an edit adds is reported once as an event."""
 
     def topology(self) -> topology.Topology:
         return topology.build(
@@ -157,6 +164,7 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         _fail(f"{source}: gpus", f"must be a list, got {cut(raw_gpus)}")
     gpus: list[DeviceInfo] = []
     metrics: dict[str, GpuMetrics] = {}
+    xids: dict[str, tuple[int, ...]] = {}
     seen_uuid: set[str] = set()
     seen_index: set[int] = set()
     for pos, g in enumerate(raw_gpus):
@@ -194,6 +202,8 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         seen_index.add(index)
         if g.get("metrics") is not None:
             metrics[uuid] = _metrics(f"{where}.metrics", g["metrics"])
+        if g.get("xids") is not None:
+            xids[uuid] = _xids(f"{where}.xids", g["xids"])
         gpus.append(
             DeviceInfo(
                 uuid=uuid,
@@ -229,7 +239,16 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         if a not in by_index or b not in by_index or a == b:
             _fail(where, f"must join two different known GPU indexes, got {cut(link)}")
         nvlinks[frozenset((by_index[a], by_index[b]))] = count
-    return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks, metrics)
+    return SimulatedNode(tuple(sorted(gpus, key=lambda g: g.index)), nvlinks, metrics, xids)
+
+
+def _xids(where: str, value: object) -> tuple[int, ...]:
+    """`xids: [79, 48]`: XID codes, at most MAX_XIDS."""
+    if not isinstance(value, list):
+        _fail(where, f"must be a list of XID numbers, got {cut(value)}")
+    if len(value) > MAX_XIDS:
+        _fail(where, f"must list at most {MAX_XIDS} XIDs, got {len(value)}")
+    return tuple(_int(f"{where}[{i}]", x) for i, x in enumerate(value))
 
 
 METRIC_KEYS: Final = frozenset(
@@ -344,6 +363,7 @@ class SimulatedBackend:
         self.max_bytes = max_bytes
         self._node: SimulatedNode | None = None
         self._text: str | None = None
+        self._events: asyncio.Queue[HealthEvent] = asyncio.Queue(MAX_PENDING_EVENTS)
 
     async def __aenter__(self) -> Self:
         self._text, self._node = await asyncio.to_thread(self._load, None)
@@ -379,9 +399,21 @@ class SimulatedBackend:
         except SimulatedFileError as e:
             log.warning("simulated devices: edit rejected, keeping the last good list: %s", e)
             return False
-        self._node, self._text = node, text
+        old, self._node, self._text = self._node, node, text
         log.info("simulated devices: reloaded %s (%d GPUs)", self.path, len(node.gpus))
+        self._report_new_xids(old, node)
         return True
+
+    def _report_new_xids(self, old: SimulatedNode | None, new: SimulatedNode) -> None:
+        """Each XID an edit added to a GPU's list, reported once (as NVML's event set would)."""
+        before = old.xids if old is not None else {}
+        for uuid, codes in new.xids.items():
+            for xid in sorted(set(codes) - set(before.get(uuid, ()))):
+                try:
+                    self._events.put_nowait(HealthEvent(uuid, f"XID {xid}", xid=xid))
+                except asyncio.QueueFull:
+                    log.warning("simulated devices: XID %d of %s dropped (%d events pending)",
+                                xid, uuid, MAX_PENDING_EVENTS)  # fmt: skip
 
     async def discover(self) -> Sequence[DeviceInfo]:
         return self.node.gpus
@@ -395,12 +427,10 @@ class SimulatedBackend:
         }
 
     async def health_events(self) -> AsyncGenerator[HealthEvent, None]:
-        """The simulated node reports faults through its file only; this never yields."""
-        never = asyncio.Event()
-        while not never.is_set():
-            await never.wait()
-        if never.is_set():  # pragma: no cover - makes this an async generator
-            yield HealthEvent("", "")
+        """The XIDs edits add to the file's `xids:` lists: device faults, so the recovery
+        period applies to them (unlike `health:`, which the file states outright)."""
+        while True:
+            yield await self._events.get()
 
     async def topology(self) -> topology.Topology:
         return self.node.topology()

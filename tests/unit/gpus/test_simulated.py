@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from aiodp.gpus import simulated
-from aiodp.gpus.backend import control_paths
+from aiodp.gpus.backend import HealthEvent, control_paths
 from aiodp.gpus.devices import Health
 from aiodp.gpus.simulated import SimulatedBackend, SimulatedFileError
+from aiodp.standins.testbed import gpu_uuid
 from tests.harness import h100_node
 
 
@@ -138,15 +139,38 @@ async def test_simulated_missing_file_at_start(short_dir: Path) -> None:
             pass
 
 
-async def test_simulated_health_events_never_yield(short_dir: Path) -> None:
+async def test_simulated_xids_an_edit_adds_are_events_once(short_dir: Path) -> None:
+    """`xids:` listed at start are history, not events; each XID an edit adds is one event
+    (a device fault: the recovery period applies), an unchanged list reports nothing. Each
+    edit's events are read up to a marker XID, so an extra event would show in order."""
     path = short_dir / "d.yaml"
-    path.write_text(h100_node())
+
+    def with_xids(xids: str) -> str:
+        return h100_node().replace("    index: 0\n", f"    index: 0\n    xids: [{xids}]\n", 1)
+
+    path.write_text(with_xids("48"))
     async with SimulatedBackend(path) as backend:
         events = backend.health_events()
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.01):
-                await anext(events)
+        seen: list[HealthEvent] = []
+        for xids in ("48, 79, 94", "79, 94", "79, 94, 31"):
+            path.write_text(with_xids(xids))
+            assert await backend.reload() is True
+        async with asyncio.timeout(5):
+            while not seen or seen[-1].xid != 31:
+                seen.append(await anext(events))
+        assert [(e.uuid, e.xid, e.reason) for e in seen] == [
+            (gpu_uuid(0), 79, "XID 79"), (gpu_uuid(0), 94, "XID 94"), (gpu_uuid(0), 31, "XID 31"),
+        ]  # fmt: skip
         await events.aclose()
+
+
+def test_simulated_xids_are_bounded_numbers() -> None:
+    with pytest.raises(SimulatedFileError, match=r"gpus\[0\]\.xids: must be a list"):
+        simulated.parse("gpus: [{uuid: GPU-a, xids: 79}]\n")
+    with pytest.raises(SimulatedFileError, match=r"gpus\[0\]\.xids\[1\]: must be an integer"):
+        simulated.parse("gpus: [{uuid: GPU-a, xids: [79, x]}]\n")
+    with pytest.raises(SimulatedFileError, match="at most 32 XIDs"):
+        simulated.parse("gpus: [{uuid: GPU-a, xids: [" + ", ".join(["79"] * 33) + "]}]\n")
 
 
 def test_simulated_aliases_and_long_text_are_refused() -> None:
