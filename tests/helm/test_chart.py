@@ -253,6 +253,7 @@ def test_chart_metrics_off_means_no_probes() -> None:
         ({"noSuchValue": 1}, "additional properties 'noSuchValue'"),
         ({"metrics": {"port": 0}}, "/metrics/port"),
         ({"terminationGracePeriodSeconds": 5}, "/terminationGracePeriodSeconds"),
+        ({"simulatedDevices": "gpus.yaml"}, "/simulatedDevices"),
     ],
 )
 def test_chart_schema_refuses_bad_values(values: dict[str, Any], where: str) -> None:
@@ -363,6 +364,23 @@ def test_chart_default_namespace_is_refused_as_nvidia() -> None:
 
 def test_chart_device_plugin_disabled_renders_no_daemonset() -> None:
     assert kind(render({"devicePlugin": {"enabled": False}}), "DaemonSet") == []
+
+
+def test_chart_simulated_devices_are_test_only_and_off_by_default() -> None:
+    """`simulatedDevices` (make cluster-e2e): the file's directory read-only, the backend
+    simulated; unset, nothing of it renders."""
+    assert "AIODP_BACKEND" not in env(render({}))
+    assert "simulated-devices" not in {v["name"] for v in pod(render({}))["volumes"]}
+    objects = render({"simulatedDevices": "/run/aiodp-e2e/gpus.yaml"})
+    assert env(objects)["AIODP_BACKEND"] == "simulated"
+    assert env(objects)["AIODP_SIMULATED_DEVICES"] == "/simulated/gpus.yaml"
+    mounts = {m["mountPath"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["/simulated"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
+    assert volumes["simulated-devices"]["hostPath"] == {
+        "path": "/run/aiodp-e2e",
+        "type": "Directory",
+    }
 
 
 def test_chart_cdi_mounts_the_spec_directories_read_only() -> None:
