@@ -127,6 +127,8 @@ def parser(command: str | None = None, *, add_help: bool = True) -> _Parser:
     add("--config-dir", help="a ConfigMap of named configs, one per node by label "
         "(AIODP_CONFIG_DIR, CONFIG_FILE_SRCDIR)")  # fmt: skip
     add("--node-name", help="this node's name, for its config label (NODE_NAME)")
+    add("--pod-uid", help="this plugin pod's UID (AIODP_POD_UID; the chart sets it): tags our "
+        "socket names, so two plugin pods of a node (a surge upgrade) never share one")  # fmt: skip
     add("--node-label", help="the label naming this node's config (NODE_LABEL) "
         "[nvidia.com/device-plugin.config]")  # fmt: skip
     add("--default-config", help="config for nodes without the label (DEFAULT_CONFIG)")
@@ -268,6 +270,7 @@ ENV: Final[Mapping[str, str | tuple[str, ...]]] = {
     "cdi_spec_dirs": "AIODP_CDI_SPEC_DIRS",
     "config_dir": ("AIODP_CONFIG_DIR", "CONFIG_FILE_SRCDIR"),
     "node_name": "NODE_NAME",
+    "pod_uid": "AIODP_POD_UID",
     "node_label": "NODE_LABEL",
     "default_config": "DEFAULT_CONFIG",
     "fallback_strategies": "FALLBACK_STRATEGIES",

@@ -212,6 +212,10 @@ class Config:
     config-manager, done in our loop); `config_file` is then the chosen one."""
     node_name: str = ""
     """This node (the chart sets NODE_NAME from the pod's spec.nodeName)."""
+    pod_uid: str = ""
+    """This plugin pod's UID (the chart sets AIODP_POD_UID): its first 8 letters and digits
+    tag our socket names, so that during a surge upgrade the old and the new pod of one node
+    each have their own socket (the kubelet keys endpoints by socket path from 1.37)."""
     node_label: str = "nvidia.com/device-plugin.config"
     default_config: str = ""
     """The config of a node without the label (NVIDIA's config.default)."""
@@ -288,6 +292,8 @@ class Config:
     """Bytes in an AF_UNIX path (sun_path is 108 with the NUL)."""
 
     def socket_path(self, resource: str) -> Path:
-        """Our socket for a resource: `nvidia.com/gpu` -> `aiodp-nvidia-gpu.sock`."""
+        """Our socket for a resource: `nvidia.com/gpu` -> `aiodp-nvidia-gpu.sock`, with the
+        pod's tag: `aiodp-nvidia-gpu-5f1c2a9e.sock`."""
         name = resource.replace("nvidia.com/", "nvidia-").replace("/", "-").replace(".", "-")
-        return self.plugin_dir / f"aiodp-{name}.sock"
+        tag = "".join(c for c in self.pod_uid if c.isascii() and c.isalnum())[:8].lower()
+        return self.plugin_dir / (f"aiodp-{name}-{tag}.sock" if tag else f"aiodp-{name}.sock")

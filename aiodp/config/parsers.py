@@ -263,6 +263,7 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "cdi_spec_dirs": _paths,
     "config_dir": _path,
     "node_name": _nonempty,
+    "pod_uid": _nonempty,
     "node_label": _nonempty,
     "default_config": _text,
     "fallback_strategies": _fallbacks,

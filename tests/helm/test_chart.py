@@ -132,6 +132,7 @@ def test_chart_defaults() -> None:
         "KUBELET_SOCKET": "/var/lib/kubelet/device-plugins/kubelet.sock",
         "AIODP_METRICS_ADDRESS": ":8080",
         "MPS_ROOT": "/run/nvidia/mps",  # always, as NVIDIA's chart
+        "AIODP_POD_UID": "<from>",  # the pod's UID: tags our sockets
     }  # nothing else: unset values leave the program's defaults alone
     spec = pod(objects)
     assert spec["priorityClassName"] == "system-node-critical"
@@ -381,6 +382,25 @@ def test_chart_simulated_devices_are_test_only_and_off_by_default() -> None:
         "path": "/run/aiodp-e2e",
         "type": "Directory",
     }
+
+
+def test_chart_rolls_with_a_surge_unless_two_pods_would_collide() -> None:
+    """A surge by default (the new pod registers before the old one goes; each has its own
+    socket, tagged with its UID); one at a time where two pods of a node would share host
+    ports, DRA sockets or MPS daemons; a user's own strategy is kept."""
+    (ds,) = kind(render({}), "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }  # fmt: skip
+    (uid,) = [e for e in container(render({}))["env"] if e["name"] == "AIODP_POD_UID"]
+    assert uid["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    one_at_a_time = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    mps = {"config": {"map": {"default": "version: v1\nsharing:\n  mps:\n    resources: []\n"}}}
+    for values in ({"devicePlugin": {"enableHostNetwork": True}}, {"dra": {"enabled": True}}, mps):
+        (ds,) = kind(render(values), "DaemonSet")
+        assert ds["spec"]["updateStrategy"] == one_at_a_time, values
+    (ds,) = kind(render({"updateStrategy": {"type": "OnDelete"}}), "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
 def test_chart_cdi_mounts_the_spec_directories_read_only() -> None:

@@ -99,6 +99,17 @@ def test_config_socket_path_derives_from_resource() -> None:
     assert c.socket_path("nvidia.com/mig-1g.10gb") == Path("/k/aiodp-nvidia-mig-1g-10gb.sock")
 
 
+def test_config_socket_path_carries_the_pods_tag() -> None:
+    """Two plugin pods on one node (a surge upgrade) get different sockets."""
+    env = {"AIODP_POD_UID": "5F1C2A9E-0b7d-4c1e-9a3f-2d6b8e0c4a71"}
+    c = config.resolve(["--kubelet-socket", "/k/kubelet.sock"], env)
+    assert c.socket_path("nvidia.com/gpu") == Path("/k/aiodp-nvidia-gpu-5f1c2a9e.sock")
+    other = config.resolve(["--kubelet-socket", "/k/kubelet.sock", "--pod-uid", "0b7d4c1e"], env)
+    assert other.socket_path("nvidia.com/gpu") == Path("/k/aiodp-nvidia-gpu-0b7d4c1e.sock")
+    with pytest.raises(ConfigError, match="pod"):
+        config.resolve(["--pod-uid", " "], {})
+
+
 def test_config_is_frozen() -> None:
     c = config.resolve([], {})
     with pytest.raises(AttributeError):
