@@ -13,7 +13,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_betterproto2_opt=client_generation=async,server_generation=async
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-matrix manifests dashboard e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
+.PHONY: help install run test test-matrix manifests dashboard e2e cluster-e2e chaos unit integration lint typecheck proto proto-check bench wheels wheels-image gpu-check helm-lint image image-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,7 +38,7 @@ run: $(RUN_STAMP) ## the demo: plugin on 8 simulated H100s against the embedded 
 	$(BIN)/python -m aiodp demo
 
 test: lint proto-check ## lint, proto-check, unit, property, integration and chart tests (no Go)
-	$(BIN)/python -m pytest -q --ignore=tests/e2e --cov --cov-report=term
+	$(BIN)/python -m pytest -q --ignore=tests/e2e --ignore=tests/cluster --cov --cov-report=term
 
 test-matrix: ## make test's pytest run on Python 3.11, 3.12 and 3.13 (pyenv), each in .venv-3.x
 	@set -e; for v in 3.11 3.12 3.13; do \
@@ -46,7 +46,7 @@ test-matrix: ## make test's pytest run on Python 3.11, 3.12 and 3.13 (pyenv), ea
 		[ -n "$$py" ] || py=$$(command -v python$$v) || { echo "test-matrix: no Python $$v" >&2; exit 1; }; \
 		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
 		.venv-$$v/bin/pip install --quiet --upgrade pip && .venv-$$v/bin/pip install --quiet -e '.[dev]'; \
-		echo "== Python $$v"; .venv-$$v/bin/python -m pytest -q --ignore=tests/e2e; \
+		echo "== Python $$v"; .venv-$$v/bin/python -m pytest -q --ignore=tests/e2e --ignore=tests/cluster; \
 	done
 
 chaos: $(STAMP) ## attacks and normal-use runs at full size on a plugin process: one table (<= 10 min)
@@ -57,6 +57,11 @@ e2e: $(STAMP) ## build the kubelet's device manager, plugin and DRA managers, ku
 	@report=$$(mktemp) && \
 	AIODP_E2E_REPORT=$$report $(BIN)/python -m pytest -q tests/e2e; rc=$$?; \
 	echo; echo "e2e figures:"; cat $$report; rm -f $$report; exit $$rc
+
+cluster-e2e: $(STAMP) ## a real node: kubelet, containerd, control plane (Go, cached); the image and chart installed, pods get GPUs (root)
+	@report=$$(mktemp) && \
+	AIODP_CLUSTER_REPORT=$$report bash tests/cluster/run.sh; rc=$$?; \
+	echo; echo "cluster-e2e figures:"; cat $$report; rm -f $$report; exit $$rc
 
 unit: $(STAMP) ## unit and property tests only
 	$(BIN)/python -m pytest -q tests/unit tests/property
