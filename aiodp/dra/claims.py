@@ -336,11 +336,18 @@ def cdi_spec(
     def nodes(paths: Sequence[str]) -> list[dict[str, str]]:
         return [{"path": p, "hostPath": node.get(p, p)} for p in paths]
 
+    def device_edits(name: str, d: Device) -> dict[str, Any]:
+        if d.paths:
+            return {"deviceNodes": nodes(d.paths)}
+        # no device node (a simulated node without them): CDI refuses a device with no
+        # edits at all, so it names itself in the environment
+        return {"env": [f"AIODP_DRA_DEVICE_{name.upper().replace('-', '_')}={d.id}"]}
+
     return {
         "cdiVersion": CDI_VERSION,
         "kind": cdi_kind(driver),
         "devices": [
-            {"name": f"{ref.uid}-{name}", "containerEdits": {"deviceNodes": nodes(d.paths)}}
+            {"name": f"{ref.uid}-{name}", "containerEdits": device_edits(name, d)}
             for name, d in devices
         ],
         "containerEdits": {

@@ -17,6 +17,8 @@ Format (see README):
         mig_devices: [{uuid: MIG-..., profile: 1g.10gb, gi: 1, ci: 0}]
     nvlinks:
       - [0, 1, 4]                  # GPU index, GPU index, link count
+    device_nodes: true             # false: the GPUs have no /dev/nvidia<minor> (a node without
+                                   # them, where a runtime would refuse a missing device node)
 """
 
 from __future__ import annotations
@@ -156,9 +158,10 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
         _fail(source, "invalid YAML: " + cut_text(str(e).replace("\n", " "), 300))
     if not isinstance(doc, dict):
         _fail(source, f"must be a mapping with a 'gpus' list, got {type(doc).__name__}")
-    unknown = sorted(set(doc) - {"gpus", "nvlinks"})
+    unknown = sorted(set(doc) - {"gpus", "nvlinks", "device_nodes"})
     if unknown:
         _fail(source, f"unknown key(s) {brief([str(k) for k in unknown])}")
+    nodes = _flag(f"{source}: device_nodes", doc.get("device_nodes", True))
     raw_gpus = doc.get("gpus")
     if not isinstance(raw_gpus, list):
         _fail(f"{source}: gpus", f"must be a list, got {cut(raw_gpus)}")
@@ -213,7 +216,7 @@ def parse(text: str, source: str = "simulated devices") -> SimulatedNode:
                 memory_mib=_int(f"{where}.memory_mib", g.get("memory_mib", 0)),
                 numa_node=numa,
                 pci_bus_id=_opt(f"{where}.pci_bus_id", g.get("pci_bus_id"), ""),
-                paths=(f"/dev/nvidia{minor}",),
+                paths=(f"/dev/nvidia{minor}",) if nodes else (),
                 mig_enabled=bool(migs),
                 mig_devices=migs,
                 health=health,

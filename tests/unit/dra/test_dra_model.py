@@ -3,6 +3,7 @@ preparation (errors per claim, the CDI spec's edits)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,15 @@ def test_prepare_answers_cdi_ids_and_a_spec_with_allocates_edits() -> None:
     assert done.spec["devices"][1]["containerEdits"]["deviceNodes"] == [
         {"path": "/dev/nvidia2", "hostPath": "/dev/nvidia2"}
     ]
+
+
+def test_prepare_a_device_without_a_node_still_has_an_edit() -> None:
+    """CDI refuses a device with no edits ("empty device edits"): one without a device node
+    (a simulated node that has none) names itself in the environment instead."""
+    bare = [dataclasses.replace(d, paths=()) for d in devices(4)]
+    done = prepare(allocated("gpu-1"), bare)
+    assert done.spec["devices"][0]["containerEdits"] == {"env": ["AIODP_DRA_DEVICE_GPU_1=GPU-1"]}
+    assert "NVIDIA_VISIBLE_DEVICES=GPU-1" in done.spec["containerEdits"]["env"]
 
 
 @pytest.mark.parametrize(

@@ -194,3 +194,13 @@ async def test_simulated_file_size_is_bounded(short_dir: Path) -> None:
         path.write_text(h100_node({0: "x"}) + "#" * 9000 + "\n")
         assert await backend.reload() is False  # too large: the last good list stays
         assert len(await backend.discover()) == 8
+
+
+def test_simulated_device_nodes_false_hands_out_none() -> None:
+    """On a node without /dev/nvidia<minor> (make cluster-e2e's) the GPUs have no device
+    node: a DeviceSpec or CDI device node for a missing path makes the runtime refuse."""
+    assert simulated.parse("gpus: [{uuid: GPU-a, minor: 3}]\n").gpus[0].paths == ("/dev/nvidia3",)
+    node = simulated.parse("device_nodes: false\ngpus: [{uuid: GPU-a, minor: 3}]\n")
+    assert node.gpus[0].paths == ()
+    with pytest.raises(SimulatedFileError, match="device_nodes: must be true or false"):
+        simulated.parse("device_nodes: no-thanks\ngpus: [{uuid: GPU-a}]\n")
