@@ -37,7 +37,8 @@ def write_gpus(
 ) -> None:
     """The node's simulated GPUs: 8 H100s (testbed.h100_node) with the demo's readings, some
     with XIDs."""
-    text = h100_node(unhealthy, DEMO_METRICS)
+    # no /dev/nvidia<minor> here: a runtime refuses a device node that is not there
+    text = "device_nodes: false\n" + h100_node(unhealthy, DEMO_METRICS)
     for i, codes in (xids or {}).items():
         text = text.replace(f"    index: {i}\n", f"    index: {i}\n    xids: {codes}\n", 1)
     GPUS.parent.mkdir(parents=True, exist_ok=True)
