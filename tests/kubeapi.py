@@ -30,6 +30,9 @@ class FakeApi:
         self.events: dict[str, dict[str, Any]] = {}
         self.deny: bool = False
         """Answer 403 to every status PATCH and Event write (RBAC without our rules)."""
+        self.unavailable: bool = False
+        """Answer 503 to every node GET, status PATCH and Event write (an API server
+        restarting)."""
         self.writes = 0
         self.resource_versions: tuple[str, ...] = ("v1", "v1beta2", "v1beta1")
         """The resource.k8s.io versions served (others answer 404)."""
@@ -222,7 +225,12 @@ class FakeApi:
                     self._changed.notify_all()
                 url = urllib.parse.urlsplit(target)
                 query = urllib.parse.parse_qs(url.query)
-                if method == "GET" and url.path == f"/api/v1/nodes/{self.node}":
+                if self.unavailable and (
+                    method in ("PATCH", "POST") or url.path == f"/api/v1/nodes/{self.node}"
+                ):
+                    down = {"kind": "Status", "code": 503, "message": "unavailable (the fake)"}
+                    await self._send(writer, 503, down)
+                elif method == "GET" and url.path == f"/api/v1/nodes/{self.node}":
                     await self._send(writer, 200, self._object())
                 elif method in ("PATCH", "POST") and self.deny:
                     await self._send(writer, 403, {"kind": "Status", "code": 403,

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, cast
 
-from lightkube import AsyncClient
+from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Event, Node
 from lightkube.types import PatchType
 
 from aiodp.gpus.backend import LOST
 from aiodp.gpus.devices import DeviceRegistry, Health, Inventory
-from aiodp.kit import aio
+from aiodp.kit import aio, retry
 from aiodp.kit.errors import cut_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,13 @@ CONDITION: Final = "GPUHealthy"
 XID_EVENT: Final = "XIDError"
 """The Event reason on a critical XID (GKE's name); `GPULost` for a lost GPU."""
 REFRESH: Final = 60.0
+RETRY: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Seconds before a failed write is tried again while the API is unreachable (an outage
+ends without waiting for the next change or REFRESH); a refusal (401, 403) waits REFRESH."""
 MAX_EVENTS: Final = 1024
+MAX_PENDING: Final = 64
+"""Events that could not be written, kept to write when the API answers again (a fault seen
+during an outage is still recorded, though the GPU may have recovered since)."""
 EVENT_NAMESPACE: Final = "default"
 COMPONENT: Final = "aiodp"
 
@@ -111,6 +117,10 @@ class NodeSignals:
         self.seen: set[Fault] = set()
         self.hold = False
         """A False condition of this boot found at start: kept until we see a fault."""
+        self.pending: list[Fault] = []
+        """Events not written yet (the API was unreachable), oldest first."""
+        self.unreachable = False
+        """The last write failed other than by a refusal: retry on RETRY, not REFRESH."""
 
     async def start(self) -> bool:
         """Read our condition; clear one left by another boot. False (one line) without API."""
@@ -150,8 +160,25 @@ class NodeSignals:
             if self.sent is not None and self.sent[0] == now[0]:
                 del cond["lastTransitionTime"]  # same status: keep the transition time
             await self._patch(cond)
-        for f in new:
-            await self._event(f)
+        waiting, self.pending = self.pending, []
+        for f in [*waiting, *new]:
+            if not await self._event(f):
+                self._keep(f)
+
+    def note(self, faults: tuple[Fault, ...]) -> None:
+        """Before the first successful read: remember new faults' Events for later."""
+        for f in sorted((f for f in faults if f not in self.seen), key=lambda f: f.gpu):
+            self._keep(f)
+        self.seen = set(faults)
+
+    def _keep(self, f: Fault) -> None:
+        if f in self.pending:
+            return
+        if len(self.pending) >= MAX_PENDING:
+            dropped = self.pending.pop(0)
+            log.warning("node signals: Event for GPU %s (%s) dropped: %d Events wait for the API",
+                        dropped.gpu, cut_text(dropped.reason, 80), MAX_PENDING)  # fmt: skip
+        self.pending.append(f)
 
     async def _patch(self, cond: dict[str, Any]) -> None:
         try:
@@ -162,7 +189,7 @@ class NodeSignals:
                     {"status": {"conditions": [cond]}},
                     patch_type=PatchType.STRATEGIC,
                 )
-        except Exception as e:  # one line; the next change or refresh tries again
+        except Exception as e:  # one line; tried again after RETRY (or the next change)
             self._failed("patch the condition of", e)
             self.sent = None
             return
@@ -171,14 +198,15 @@ class NodeSignals:
         log.info("node %s: condition %s=%s (%s)", self.node, CONDITION, cond["status"],
                  cond["message"])  # fmt: skip
 
-    async def _event(self, f: Fault) -> None:
+    async def _event(self, f: Fault) -> bool:
+        """Record (or count) the Event; False when the API could not be reached."""
         key = (f.gpu, f.reason.split(":")[0].split(" (")[0])
         known = self.events.get(key)
         try:
             async with asyncio.timeout(self.timeout):
                 if known is None:
                     if len(self.events) >= MAX_EVENTS:
-                        return
+                        return True
                     made = await self.api.create(cast(Event, Event.from_dict(self._event_body(f))))
                     name = made.metadata.name if made.metadata else ""
                     self.events[key] = (name or "", 1)
@@ -192,8 +220,9 @@ class NodeSignals:
                     self.events[key] = (name, count + 1)
         except Exception as e:
             self._failed("record an Event on", e)
-            return
+            return self._refused(e)
         self._ok()
+        return True
 
     def _message(self, f: Fault) -> str:
         return f"GPU {f.index} {f.gpu}: {f.reason}"
@@ -214,7 +243,13 @@ class NodeSignals:
             "count": 1,
         }
 
+    @staticmethod
+    def _refused(e: BaseException) -> bool:
+        """A 401 or 403: RBAC says no, which a retry soon does not change."""
+        return isinstance(e, ApiError) and e.status.code in (401, 403)
+
     def _failed(self, what: str, e: BaseException) -> None:
+        self.unreachable = not self._refused(e)
         why = cut_text(f"{type(e).__name__}: {e}", 200)
         self.trouble.failing(
             why, logging.WARNING,
@@ -223,19 +258,28 @@ class NodeSignals:
         )  # fmt: skip
 
     def _ok(self) -> None:
+        self.unreachable = False
         self.trouble.cleared("node signals: the API answers again")
 
 
 async def run(signals: NodeSignals, registry: DeviceRegistry) -> NoReturn:
     """Follow the registry: patch on every change of the critical set, refresh while False
-    (and retry a failed patch) every REFRESH seconds."""
-    if not await signals.start():
-        await asyncio.Event().wait()  # no API: said once; nothing else to do
+    every REFRESH seconds; while the API is unreachable (at start too) try again on RETRY."""
+    waits = retry.backoff(RETRY)
+    started = False
     last: tuple[Fault, ...] | None = None
     while True:
         faults = critical(registry.inventory())
-        await signals.update(faults, refresh=faults == last)
+        if not started:
+            signals.note(faults)  # faults before the API answered: their Events wait
+            started = await signals.start()
+            if not started and not signals.unreachable:
+                await asyncio.Event().wait()  # refused (RBAC): said once; nothing else to do
+        if started:
+            await signals.update(faults, refresh=faults == last)
         last = faults
+        if not signals.unreachable:
+            waits = retry.backoff(RETRY)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REFRESH):
+            async with asyncio.timeout(next(waits) if signals.unreachable else REFRESH):
                 await registry.changed()

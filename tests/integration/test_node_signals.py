@@ -121,3 +121,27 @@ async def test_node_signals_without_rbac_is_one_line(
         assert len(warned) == 1
         assert "403" in warned[0].getMessage() or "forbidden" in warned[0].getMessage()
         assert api.writes == 0
+
+
+@pytest.mark.timeout(30)
+async def test_node_signals_resume_after_an_outage_and_keep_its_events(short_dir: Path) -> None:
+    """The API down at start and again during a fault (make cluster-e2e found both: signals
+    never started, and a fault seen during an outage was never written): retried on RETRY,
+    and the Event is written late even though the GPU has recovered meanwhile."""
+    async with FakeApi(NODE) as api:
+        api.unavailable = True
+        async with running(short_dir, **options(api, short_dir)) as rp:
+            await rp.ready.wait()
+            write_atomically(rp.devices_file, h100_node({2: "XID 79 (simulated)"}))
+            await next_update(rp.k, lambda u: any(d.health == "Unhealthy" for d in u.devices))
+            write_atomically(rp.devices_file, h100_node())  # healed before the API is back
+            await next_update(rp.k, lambda u: all(d.health == "Healthy" for d in u.devices))
+            assert api.writes == 0
+            api.unavailable = False
+            await api.wait_writes(2)  # the condition (True, as the GPUs are now), the Event
+            cond = api.condition("GPUHealthy")
+            assert cond is not None
+            assert cond["status"] == "True"
+            (event,) = api.events.values()
+            assert event["reason"] == "XIDError"
+            assert GPU2 in event["message"]
