@@ -65,7 +65,10 @@ grep -q " $work" /proc/mounts && leftover+=" mounts under $work;"
 for h in /sys/fs/cgroup/*/; do [ -d "$h/kubepods" ] && leftover+=" $h/kubepods;"; done
 pgrep -f "$cache/bin/(kubelet|containerd|kube-|etcd)" >/dev/null && leftover+=" processes of the cluster;"
 if [ -z "${AIODP_CLUSTER_KEEP:-}" ]; then rm -rf "$work"; else echo "cluster-e2e: kept $work"; fi
-[ -z "$leftover" ] || { echo "cluster-e2e: left behind:$leftover" >&2; rc=1; }
-echo "cluster-e2e: nothing left on the machine (no mount, cgroup or process of the cluster)"
+if [ -n "$leftover" ]; then
+    echo "cluster-e2e: left behind:$leftover" >&2; rc=1
+else
+    echo "cluster-e2e: nothing left on the machine (no mount, cgroup or process of the cluster)"
+fi
 phase "done (rc $rc)"
 exit $rc
