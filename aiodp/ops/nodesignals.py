@@ -39,7 +39,7 @@ CONDITION: Final = "GPUHealthy"
 XID_EVENT: Final = "XIDError"
 """The Event reason on a critical XID (GKE's name); `GPULost` for a lost GPU."""
 REFRESH: Final = 60.0
-RETRY: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
+RETRY: Final = (1.0, 2.0, 5.0, 10.0)
 """Seconds before a failed write is tried again while the API is unreachable (an outage
 ends without waiting for the next change or REFRESH); a refusal (401, 403) waits REFRESH."""
 MAX_EVENTS: Final = 1024
