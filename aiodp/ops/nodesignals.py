@@ -269,7 +269,8 @@ async def run(signals: NodeSignals, registry: DeviceRegistry) -> NoReturn:
     started = False
     last: tuple[Fault, ...] | None = None
     while True:
-        faults = critical(registry.inventory())
+        inventory = registry.inventory()
+        faults = critical(inventory)
         if not started:
             signals.note(faults)  # faults before the API answered: their Events wait
             started = await signals.start()
@@ -280,6 +281,8 @@ async def run(signals: NodeSignals, registry: DeviceRegistry) -> NoReturn:
         last = faults
         if not signals.unreachable:
             waits = retry.backoff(RETRY)
+        if registry.inventory().version != inventory.version:
+            continue  # it changed while we wrote (or started): look again at once
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(next(waits) if signals.unreachable else REFRESH):
                 await registry.changed()
