@@ -45,8 +45,12 @@ def _ms(values: list[float]) -> str:
 
 
 async def _channel(r: Rig) -> grpc.aio.Channel:
+    # a connection of its own: grpcio shares subchannels between channels of one target, so
+    # a new channel could ride the last one's connection and its cancels (the rapid-reset
+    # guard counts them per connection: the stream-churn row's occasional GOAWAY 11)
     return grpc.aio.insecure_channel(
-        f"unix://{r.socket}", options=[("grpc.default_authority", "localhost")]
+        f"unix://{r.socket}",
+        options=[("grpc.default_authority", "localhost"), ("grpc.use_local_subchannel_pool", 1)],
     )
 
 
