@@ -122,6 +122,10 @@ def test_api_server_down_10s_then_node_signals_resume(cluster: Cluster, faults: 
     plugin = chart.ready_plugin(cluster)
     registrations = chart.kubelet_registrations(cluster)
     log_before = len(_pod_log(plugin))
+    before = {
+        e["metadata"]["name"]
+        for e in _xid_events(cluster, UUIDS[6]) + _xid_events(cluster, UUIDS[7])
+    }
     cluster.procs["kube-apiserver"].stop()
     down = time.monotonic()
     victim = 7 if UUIDS[7] not in chart_visible_safe(cluster) else 6
@@ -136,9 +140,10 @@ def test_api_server_down_10s_then_node_signals_resume(cluster: Cluster, faults: 
     back = time.monotonic()
 
     def event() -> dict[str, Any] | None:
-        items = cluster.get("events", ns="default")["items"]
-        hits = [e for e in items if e.get("reason") == "XIDError" and UUIDS[victim] in e["message"]]
-        return hits[0] if hits else None
+        new = [
+            e for e in _xid_events(cluster, UUIDS[victim]) if e["metadata"]["name"] not in before
+        ]
+        return new[0] if new else None
 
     # the GPU recovered (period 8 s) while the API was down: the condition ends True, and
     # the Event of the fault seen meanwhile is written late, not lost
@@ -154,6 +159,12 @@ def test_api_server_down_10s_then_node_signals_resume(cluster: Cluster, faults: 
         f"API server down {back - down:.0f} s with an XID meanwhile: registration stayed; "
         f"the fault's Event written {resumed:.1f} s after the API came back; GPUHealthy True"
     )
+
+
+def _xid_events(cluster: Cluster, uuid: str) -> list[dict[str, Any]]:
+    """The XIDError Events naming `uuid` (an earlier test's stay: Events live an hour)."""
+    items = cluster.get("events", ns="default")["items"]
+    return [e for e in items if e.get("reason") == "XIDError" and uuid in (e.get("message") or "")]
 
 
 def chart_visible_safe(cluster: Cluster) -> list[str]:
