@@ -8,6 +8,8 @@
 #
 # Fails saying what is missing (Go, the module proxy, apt); never a silent skip.
 set -euo pipefail
+# shellcheck source=../e2e/build.sh
+source "$(dirname "$0")/../e2e/build.sh"  # build_main (it sets its own `here` and `cache`)
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${AIODP_E2E_CACHE:-$HOME/.cache/aiodp-e2e}"
 k8s="${AIODP_CLUSTER_K8S:-v1.37.2}"
@@ -20,27 +22,8 @@ stamp() {  # the version flags that kubectl version and the node's kubeletVersio
     echo "-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
 }
 
-build_k8s() {  # name: cmd/<name> of k8s.io/kubernetes, with the staging replaces
-    local name="$1" out="$cache/bin/$1-$k8s"
-    if [ -x "$out" ]; then echo "cluster-e2e: $name $k8s cached at $out"; return; fi
-    local src="$cache/src/$name-$k8s" start=$SECONDS
-    echo "cluster-e2e: building $name at Kubernetes $k8s (once; later runs use $cache)"
-    rm -rf "$src" && mkdir -p "$src"
-    (
-        cd "$src"
-        printf 'module aiodp.test/cluster/%s\n\ngo 1.24\n\nrequire k8s.io/kubernetes %s\n' "$name" "$k8s" > go.mod
-        local gomod staging="v0.${k8s#v1.}"
-        gomod="$(go env GOMODCACHE)/k8s.io/kubernetes@$k8s/go.mod"
-        [ -f "$gomod" ] || GOFLAGS=-mod=mod go mod download k8s.io/kubernetes@"$k8s"
-        echo "replace (" >> go.mod
-        sed -n '/^replace (/,/^)/p' "$gomod" | grep '=> ./staging' | awk -v v="$staging" '{print "\t" $1 " => " $1 " " v}' >> go.mod
-        echo ")" >> go.mod
-        printf 'package main\n\nimport _ "k8s.io/kubernetes/cmd/%s"\n' "$name" > tools.go
-        go mod tidy >/dev/null 2>"$src/tidy.log" || { cat "$src/tidy.log" >&2; exit 1; }
-        go build -trimpath -ldflags "-s -w $(stamp "$k8s")" -o "$out.tmp" "k8s.io/kubernetes/cmd/$name"
-        mv "$out.tmp" "$out"
-    ) || { echo "cluster-e2e: building $name at $k8s failed (is the Go module proxy reachable?)" >&2; exit 1; }
-    echo "cluster-e2e: built $name in $((SECONDS - start)) s -> $out"
+build_k8s() {  # name: cmd/<name> of k8s.io/kubernetes, stamped, by tests/e2e/build.sh's build_main
+    build_main "$1" "k8s.io/kubernetes@$k8s" "k8s.io/kubernetes/cmd/$1" "$k8s" "$(stamp "$k8s")"
 }
 
 build_containerd() {

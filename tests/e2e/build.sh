@@ -7,7 +7,7 @@
 # Prints what it built (or found cached) and how long it took. Needs Go and the module proxy;
 # without them it fails and says so (never a silent skip).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${AIODP_E2E_CACHE:-$HOME/.cache/aiodp-e2e}"
 # The newest served release, and the oldest of v1.32-v1.34 that builds.
 versions="${AIODP_E2E_VERSIONS:-v1.37.2 v1.32.13}"
@@ -64,8 +64,8 @@ build_peer() {  # peer version
     echo "e2e: built $peer at Kubernetes $version in $((SECONDS - start)) s -> $out"
 }
 
-build_main() {  # name module@version package [replace-staging-of-kubernetes-version]
-    local name="$1" modver="$2" pkg="$3" k8s="${4:-}"
+build_main() {  # name module@version package [replace-staging-of-kubernetes-version] [ldflags]
+    local name="$1" modver="$2" pkg="$3" k8s="${4:-}" ldflags="${5:-}"
     local out="$cache/bin/$name-${modver##*@}"
     if [ -x "$out" ]; then
         echo "e2e: $name ${modver##*@} cached at $out"
@@ -88,13 +88,17 @@ build_main() {  # name module@version package [replace-staging-of-kubernetes-ver
         fi
         printf 'package main\n\nimport _ "%s"\n' "$pkg" > tools.go
         go mod tidy >/dev/null 2>"$src/tidy.log" || { cat "$src/tidy.log" >&2; exit 1; }
-        go build -trimpath -ldflags "-s -w" -o "$out" "$pkg"
+        go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg"
+        mv "$out.tmp" "$out"
     ) || {
         echo "e2e: building $name from $modver failed (is the Go module proxy reachable?)" >&2
         exit 1
     }
     echo "e2e: built $name from $modver in $((SECONDS - start)) s -> $out"
 }
+
+# Sourced (tests/cluster/build.sh uses build_main): the functions only.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 for version in $versions; do
     build_peer devicemanager "$version"
